@@ -1,0 +1,125 @@
+"""The ``rapid`` command line (typer). A user error is one line plus a hint, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rapid.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="rapid: train sparse Mixture-of-Experts GPT models.")
+console = Console()
+SetOpt = typer.Option(None, "--set", help="override a recipe key: table.key=value (repeatable)")
+
+
+def _registry():
+    from rapid.plugins import Registry
+    return Registry()
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="recipe TOML file"),
+        set_: Optional[List[str]] = SetOpt,
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>)"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar")):
+    """Train a recipe: writes DIR/recipe.toml, DIR/metrics.jsonl and DIR/checkpoints/."""
+    from rapid.recipe import load_recipe
+    from rapid.train import train
+
+    registry = _registry()
+    r = load_recipe(recipe, set_ or [], registry)
+    run_dir = out or Path("runs") / r.run.name
+    result = train(r, run_dir, resume=resume, registry=registry, progress=progress and sys.stderr.isatty())
+    val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    console.print(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.final.get('loss', 0):.4f}"
+                  f"{val}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}")
+
+
+@app.command()
+def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
+         set_: Optional[List[str]] = SetOpt,
+         as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Parameter counts (total, dense, active per token) and per-device memory estimates."""
+    from rapid.plan import fmt_bytes, fmt_count, make_plan
+    from rapid.recipe import load_recipe
+
+    registry = _registry()
+    p = make_plan(load_recipe(recipe, set_ or [], registry), registry)
+    if as_json:
+        typer.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    t = Table(title=f"{recipe}: parameters")
+    t.add_column("kind"), t.add_column("count", justify="right")
+    for key in ("params_total", "params_dense", "params_expert", "params_active"):
+        t.add_row(key, fmt_count(getattr(p, key)))
+    console.print(t)
+    m = Table(title=f"memory per device (world size {p.world_size})")
+    for col in ("layout", "params", "grads", "optimizer", "activations", "total"):
+        m.add_column(col, justify="right")
+    mp = p.memory_planned
+    m.add_row(f"planned ({p.precision})", *(fmt_bytes(mp[k]) for k in ("params", "grads", "optimizer", "activations", "total")))
+    for name, mem in p.memory_by_zero_stage.items():
+        m.add_row(name, fmt_bytes(mem["params"]), fmt_bytes(mem["grads"]), fmt_bytes(mem["optimizer"]), "", fmt_bytes(mem["total"]))
+    console.print(m)
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Every registered name by kind, with the plugin and distribution that provide it."""
+    from rapid.plugins import KINDS
+
+    registry = _registry()
+    rows = [{"kind": kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution}
+            for kind in KINDS for e in registry.entries(kind).values()]
+    rows += [{"kind": "kernel", "name": name, "plugin": plugin, "distribution": dist}
+             for name, plugin, dist in registry.kernel_providers()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    t = Table(title="rapid plugins")
+    for col in ("kind", "name", "plugin", "distribution"):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row.values())
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        _registry().add_commands(app)
+    except UserError as exc:
+        _fail(exc)
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        _fail(exc)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def _fail(exc: UserError) -> None:
+    from rich.markup import escape
+
+    err = Console(stderr=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    if exc.hint:
+        err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Every hook rapid calls. Each docstring is that hook's contract.
+
+Plugins implement these with ``@rapid.hookimpl``. Core code never touches ``pm.hook`` directly:
+``rapid.plugins.Registry`` wraps each hook in one typed method.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("rapid")
+
+
+@hookspec
+def rapid_register_models():
+    """Return ``{name: model class}``.
+
+    A model class is an ``nn.Module`` with a ``Config`` dataclass (the ``[model]`` table's keys
+    other than ``name``) and the constructor ``cls(config, make_router, kernels)``:
+    ``make_router(moe_index, moe_spec) -> Router`` builds the router of one MoE layer and
+    ``kernels`` is a ``rapid.kernels.Kernels``. ``forward(batch) -> ModelOutput``. Parameters that
+    belong to experts carry the attribute ``rapid_expert = True`` (planning, expert parallelism and
+    checkpoint tools rely on it). The class may define ``plan_hints`` as in ``rapid.plan``.
+    """
+
+
+@hookspec
+def rapid_register_routers():
+    """Return ``{name: Router subclass}`` (see ``rapid.types.Router``).
+
+    ``Router(config, spec)`` gets its ``Config`` dataclass (the ``[router]`` table's keys other than
+    ``name``) and a ``MoESpec`` (hidden size, number of experts, top_k, capacities, drop policy).
+    ``forward(x_TD, *, token_ids_T, domain_ids_T) -> Routing``: expert ids ``[T, k]`` (``-1`` marks a
+    dropped assignment), combine weights ``[T, k]``, optional logits ``[T, E]``, named loss terms
+    and float statistics. A router must be deterministic given the torch RNG state.
+    """
+
+
+@hookspec
+def rapid_register_parallel():
+    """Return ``{name: ParallelStrategy subclass}`` (see ``rapid.types.ParallelStrategy``).
+
+    A strategy's ``Config`` extends ``rapid.types.ParallelConfig`` (micro_batch, grad_accum,
+    precision), declares ``capabilities`` and turns ``wrap(model, make_optimizer)`` into an
+    ``Engine`` with ``backward``, ``step``, ``state_dict`` and ``load_state_dict``. Backend
+    libraries are imported inside ``wrap``, never at module import time.
+    """
+
+
+@hookspec
+def rapid_register_losses():
+    """Return ``{name: LossTerm}``.
+
+    A loss term is a callable ``term(out: ModelOutput, batch: Batch) -> scalar Tensor``. The recipe's
+    ``[loss]`` table maps names to weights; the total loss is ``sum(weight * term)``. Router loss
+    terms are exposed as ``rapid.types.RouterLoss(name)``, which sums ``out.aux[name]`` over MoE
+    layers.
+    """
+
+
+@hookspec(firstresult=True)
+def rapid_kernel(op, device, dtype, backend):
+    """Return the implementation of kernel ``op`` for tensors on ``device`` with ``dtype``, or None.
+
+    ``op`` is one of ``rapid.kernels.OPS`` (``permute``, ``grouped_mlp``, ``unpermute``).
+    ``backend`` is the recipe's ``[kernels] backend``: ``"auto"`` lets any implementation answer;
+    any other value must only be answered by the implementation of that name. The first non-None
+    answer wins; the pure-torch reference is registered ``trylast`` and answers every device.
+    """
+
+
+@hookspec
+def rapid_register_data_sources():
+    """Return ``{name: DataSource subclass}`` (see ``rapid.types.DataSource``).
+
+    ``DataSource(config)`` gets its ``Config`` (extending ``rapid.types.DataConfig``) and yields
+    ``Document(text, domain)`` from ``documents()``; ``fingerprint()`` names its content for caches.
+    """
+
+
+@hookspec
+def rapid_step_end(step, metrics):
+    """Observe the end of a logged training step.
+
+    ``metrics`` is the dict written to ``metrics.jsonl`` for ``step``. Observers must not modify it.
+    """
+
+
+@hookspec
+def rapid_add_commands(app):
+    """Add sub-commands to the ``rapid`` CLI: ``app`` is its ``typer.Typer``."""

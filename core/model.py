@@ -1,0 +1,174 @@
+"""GPT-MoE: a pre-norm GPT decoder whose FFN is an MoE block every ``moe_every`` layers.
+
+Read top to bottom: Config -> Attention -> Block -> GPTMoE. Parallelization lives elsewhere
+(plugins/parallel); this file only defines the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rapid import hookimpl
+from rapid.errors import UserError
+from rapid.kernels import Kernels
+from rapid.moe import DROP_POLICIES, MLP, MoE
+from rapid.types import Batch, ModelOutput, MoESpec, Router
+
+
+@dataclass
+class Config:
+    vocab_size: int = 8000
+    seq_len: int = 256
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    ffn_mult: int = 4                      # d_ff = ffn_mult * hidden
+    moe_every: int = 2                     # layer i (0-based) is MoE when (i + 1) % moe_every == 0; 0 = dense
+    experts: int | list[int] = 8           # one count, or one per MoE layer (pyramid MoE)
+    residual: bool = False                 # residual MoE: dense MLP + routed expert (DeepSpeed PR-MoE)
+    top_k: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "random"            # random | position | probs
+    dropless: bool = False                 # never drop: capacity = whatever the busiest expert needs
+    activation: str = "gelu"               # gelu | gelu_tanh | relu
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def moe_layers(self) -> list[int]:
+        if self.moe_every <= 0:
+            return []
+        return [i for i in range(self.layers) if (i + 1) % self.moe_every == 0]
+
+    def experts_per_moe_layer(self) -> list[int]:
+        n = len(self.moe_layers())
+        if isinstance(self.experts, int):
+            return [self.experts] * n
+        if len(self.experts) != n:
+            raise UserError(
+                f"[model] experts lists {len(self.experts)} counts but layers={self.layers} with "
+                f"moe_every={self.moe_every} gives {n} MoE layers ({self.moe_layers()})",
+                hint="give one expert count per MoE layer, or a single int")
+        return list(self.experts)
+
+    def validate(self) -> None:
+        if self.hidden % self.heads:
+            raise UserError(f"[model] hidden={self.hidden} is not divisible by heads={self.heads}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise UserError(f"[model] drop_policy {self.drop_policy!r}; valid: {', '.join(DROP_POLICIES)}")
+        if self.activation not in ("gelu", "gelu_tanh", "relu"):
+            raise UserError(f"[model] activation {self.activation!r}; valid: gelu, gelu_tanh, relu")
+        for e in self.experts_per_moe_layer():
+            if not 1 <= self.top_k <= e:
+                raise UserError(f"[model] top_k={self.top_k} must be between 1 and the expert count {e}")
+        for key in ("vocab_size", "seq_len", "hidden", "layers", "heads", "ffn_mult"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"[model] {key} must be positive, got {getattr(self, key)}")
+
+    def spec(self, num_experts: int) -> MoESpec:
+        return MoESpec(self.hidden, num_experts, self.top_k, self.capacity_factor,
+                       self.eval_capacity_factor, self.min_capacity, self.drop_policy, self.dropless)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).transpose(1, 3).unbind(2)
+        y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, moe: MoE | None):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
+        self.attn = Attention(cfg)
+        self.moe = moe
+        self.mlp = None if moe is not None else MLP(cfg.hidden, cfg.ffn_mult * cfg.hidden, cfg.activation)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BSD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor, out: ModelOutput) -> Tensor:
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
+        h_BSD = self.ln2(x_BSD)
+        if self.moe is None:
+            return x_BSD + self.drop(self.mlp(h_BSD))
+        B, S, D = h_BSD.shape
+        y_TD, routing = self.moe(h_BSD.reshape(B * S, D), token_ids_T, domain_ids_T)
+        for name, value in routing.losses.items():
+            out.aux.setdefault(name, []).append(value)
+        for name, value in routing.stats.items():
+            out.stats.setdefault(name, []).append(value)
+        return x_BSD + self.drop(y_TD.view(B, S, D))
+
+
+MakeRouter = Callable[[int, MoESpec], Router]
+
+
+class GPTMoE(nn.Module):
+    Config = Config
+
+    def __init__(self, cfg: Config, make_router: MakeRouter, kernels: Kernels):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
+        counts = iter(cfg.experts_per_moe_layer())
+        blocks = []
+        for i in range(cfg.layers):
+            moe = None
+            if i in cfg.moe_layers():
+                spec = cfg.spec(next(counts))
+                moe = MoE(spec, make_router(len(blocks), spec), cfg.ffn_mult * cfg.hidden, kernels,
+                          cfg.residual, cfg.activation)
+            blocks.append(Block(cfg, moe))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.layers)  # GPT-2: scale residual projections
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = name.endswith(("attn.proj", "mlp.proj"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif hasattr(module, "w1_EDF"):
+                module.reset_parameters(std, out_std)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        tokens_BS = batch.tokens_BS
+        B, S = tokens_BS.shape
+        if S > self.cfg.seq_len:
+            raise UserError(f"sequence length {S} exceeds [model] seq_len={self.cfg.seq_len}")
+        out = ModelOutput(logits_BSV=None)
+        x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(torch.arange(S, device=tokens_BS.device))
+        token_ids_T, domain_ids_T = tokens_BS.reshape(-1), batch.domain_ids_BS.reshape(-1)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, token_ids_T, domain_ids_T, out)
+        out.logits_BSV = self.head(self.ln_f(x_BSD))
+        return out
+
+
+@hookimpl
+def rapid_register_models():
+    return {"gpt_moe": GPTMoE}

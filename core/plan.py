@@ -1,0 +1,100 @@
+"""``rapid plan``: parameter counts and a per-device memory estimate, computed on the meta device
+(nothing is allocated, so a 16B model plans in a second)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+GiB = 1024**3
+
+# bytes per parameter: (weights, gradients, optimizer states) for AdamW
+#   fp32: fp32 weights and grads, fp32 m and v
+#   bf16/fp16 (DeepSpeed / Megatron mixed precision): 16-bit weights and grads, fp32 master + m + v
+BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+
+
+def count_params(model: nn.Module, top_k: int) -> dict[str, int]:
+    """Expert parameters carry ``rapid_expert`` and stack experts on their first dimension."""
+    total = expert = active_expert = 0
+    for p in model.parameters():  # parameters() yields tied weights once
+        n = p.numel()
+        total += n
+        if getattr(p, "rapid_expert", False):
+            expert += n
+            active_expert += n // p.shape[0] * top_k
+    dense = total - expert
+    return {"params_total": total, "params_dense": dense, "params_expert": expert,
+            "params_active": dense + active_expert}
+
+
+def zero_memory(params: int, precision: str, stage: int, dp: int) -> dict[str, int]:
+    """Per-device bytes for model states under ZeRO ``stage`` over ``dp`` data-parallel ranks."""
+    w, g, o = BYTES[precision]
+    return {"params": params * w // (dp if stage >= 3 else 1),
+            "grads": params * g // (dp if stage >= 2 else 1),
+            "optimizer": params * o // (dp if stage >= 1 else 1)}
+
+
+def activation_bytes(cfg, micro_batch: int, precision: str) -> int:
+    """Rough activation memory of one micro-batch without recomputation (Korthikanti et al. 2022:
+    ~34*S*B*D bytes per layer in 16-bit, plus the attention scores), plus fp32 logits."""
+    s, b, d, h = cfg.seq_len, micro_batch, cfg.hidden, cfg.heads
+    per_layer = s * b * d * 34 + 5 * h * s * s * b
+    scale = 2 if precision == "fp32" else 1
+    return cfg.layers * per_layer * scale + 2 * 4 * b * s * cfg.vocab_size
+
+
+@dataclass
+class Plan:
+    params_total: int
+    params_dense: int
+    params_expert: int
+    params_active: int
+    precision: str
+    world_size: int
+    memory_planned: dict[str, int]             # this recipe's strategy, per device
+    memory_by_zero_stage: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(recipe, registry) -> Plan:
+    from rapid.train import build_model
+
+    with torch.device("meta"):
+        model = build_model(recipe, registry)
+    counts = count_params(model, getattr(recipe.model, "top_k", 1))
+    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel)
+    precision, world = recipe.parallel.precision, strategy.world_size
+    planned = strategy.memory_plan(counts["params_total"])
+    planned["activations"] = activation_bytes(recipe.model, recipe.parallel.micro_batch, precision)
+    planned["total"] = sum(planned.values())
+    by_stage = {}
+    for prec in ("fp32", "bf16"):
+        for stage in range(4):
+            mem = zero_memory(counts["params_total"], prec, stage, world)
+            by_stage[f"{prec}/zero{stage}"] = {**mem, "total": sum(mem.values())}
+    return Plan(**counts, precision=precision, world_size=world, memory_planned=planned,
+                memory_by_zero_stage=by_stage)
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)

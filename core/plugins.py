@@ -1,0 +1,148 @@
+"""Plugin manager factory and the typed registry every part of rapid goes through.
+
+Builtins register exactly like third-party plugins; then the ``rapid`` entry-point group is loaded
+unless ``RAPID_DISABLE_PLUGIN_AUTOLOAD=1``. There is no module-global manager: each run, CLI call or
+test builds its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Iterable
+
+import pluggy
+
+from rapid import hookspecs
+from rapid.errors import UserError, unknown_name
+
+ENTRY_POINT_GROUP = "rapid"
+DISABLE_AUTOLOAD_ENV = "RAPID_DISABLE_PLUGIN_AUTOLOAD"
+
+BUILTINS = (
+    "rapid.model",
+    "rapid.builtin.losses",
+    "rapid.builtin.routers.top1",
+    "rapid.builtin.parallel.single",
+    "rapid.builtin.kernels.reference",
+    "rapid.builtin.data.snownlp",
+    "rapid.builtin.data.text",
+)
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus which distribution provided each plugin."""
+
+    def __init__(self):
+        super().__init__("rapid")
+        self.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}  # plugin name -> "distribution version"
+
+
+def make_plugin_manager(*, autoload: bool | None = None, blocked: Iterable[str] = (),
+                        extra: Iterable[Any] = ()) -> PluginManager:
+    """Builtins, then ``extra`` plugin objects, then entry points (unless disabled or blocked)."""
+    pm = PluginManager()
+    for name in blocked:
+        pm.set_blocked(name)
+    for modname in BUILTINS:
+        if not pm.is_blocked(modname):
+            pm.register(importlib.import_module(modname), name=modname)
+            pm.distributions[modname] = "rapidmoe (builtin)"
+    for plugin in extra:
+        pm.register(plugin)
+    if autoload is None:
+        autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+    if autoload:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise UserError(
+                    f"plugin {ep.name!r} (distribution {dist}) failed to import: "
+                    f"{type(exc).__name__}: {exc}",
+                    hint=f"fix or uninstall it, or set {DISABLE_AUTOLOAD_ENV}=1",
+                ) from exc
+            pm.register(plugin, name=ep.name)
+            pm.distributions[ep.name] = dist
+    pm.check_pending()
+    return pm
+
+
+@dataclass
+class Entry:
+    name: str
+    obj: Any
+    plugin: str
+    distribution: str
+
+
+KINDS = {
+    "model": "rapid_register_models",
+    "router": "rapid_register_routers",
+    "parallel": "rapid_register_parallel",
+    "loss": "rapid_register_losses",
+    "data": "rapid_register_data_sources",
+}
+
+
+class Registry:
+    """Typed access to a plugin manager: the only place that calls ``pm.hook``."""
+
+    def __init__(self, pm: PluginManager | None = None):
+        self.pm = pm if pm is not None else make_plugin_manager()
+        self._cache: dict[str, dict[str, Entry]] = {}
+
+    def entries(self, kind: str) -> dict[str, Entry]:
+        if kind not in self._cache:
+            caller = getattr(self.pm.hook, KINDS[kind])
+            found: dict[str, Entry] = {}
+            for impl in caller.get_hookimpls():  # registration order
+                plugin = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+                for name, obj in (impl.function() or {}).items():
+                    entry = Entry(name, obj, plugin, self.pm.distributions.get(plugin, "(registered in code)"))
+                    if name in found:
+                        other = found[name]
+                        raise UserError(
+                            f"{kind} {name!r} is provided twice: by {other.plugin} ({other.distribution}) "
+                            f"and by {plugin} ({entry.distribution})",
+                            hint="uninstall or block one of them")
+                    found[name] = entry
+            self._cache[kind] = found
+        return self._cache[kind]
+
+    def get(self, kind: str, name: str) -> Any:
+        if ":" in name:  # "pkg.module:Attr" for one-off experiments
+            modname, _, attr = name.partition(":")
+            try:
+                return getattr(importlib.import_module(modname), attr)
+            except (ImportError, AttributeError) as exc:
+                raise UserError(f"cannot import {kind} {name!r}: {exc}") from exc
+        entries = self.entries(kind)
+        if name not in entries:
+            raise unknown_name(kind, name, entries)
+        return entries[name].obj
+
+    def kernel(self, op: str, device, dtype, backend: str):
+        return self.pm.hook.rapid_kernel(op=op, device=device, dtype=dtype, backend=backend)
+
+    def kernel_providers(self) -> list[tuple[str, str, str]]:
+        """(backend, plugin, distribution) for every ``rapid_kernel`` implementation; a plugin
+        names its backend with a module/class attribute ``KERNEL_BACKEND``."""
+        out = []
+        for impl in self.pm.hook.rapid_kernel.get_hookimpls():
+            plugin = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+            out.append((getattr(impl.plugin, "KERNEL_BACKEND", plugin), plugin,
+                        self.pm.distributions.get(plugin, "(registered in code)")))
+        return out
+
+    def step_end(self, step: int, metrics: dict) -> None:
+        self.pm.hook.rapid_step_end(step=step, metrics=metrics)
+
+    def add_commands(self, app) -> None:
+        self.pm.hook.rapid_add_commands(app=app)

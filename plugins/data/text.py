@@ -1,0 +1,73 @@
+"""``text``: the user's own plain-text or JSONL files.
+
+Plain text: one document per blank-line-separated block (or per line with ``per_line = true``).
+JSONL (``*.jsonl``): one document per object, text under ``text_field``, domain under
+``domain_field`` when set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from rapid import hookimpl
+from rapid.errors import UserError
+from rapid.types import DataConfig, DataSource, Document
+
+
+class TextFiles(DataSource):
+    @dataclass
+    class Config(DataConfig):
+        paths: list[str] = field(default_factory=list)
+        per_line: bool = False
+        text_field: str = "text"
+        domain_field: str = ""
+
+    def _paths(self) -> list[Path]:
+        if not self.config.paths:
+            raise UserError("[data] name = 'text' needs paths = [...]")
+        paths = [Path(p) for p in self.config.paths]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(f"[data] paths not found: {', '.join(missing)}")
+        return paths
+
+    def documents(self) -> Iterator[Document]:
+        for path in self._paths():
+            if path.suffix == ".jsonl":
+                yield from self._jsonl(path)
+                continue
+            text = path.read_text(encoding="utf-8")
+            blocks = text.splitlines() if self.config.per_line else text.split("\n\n")
+            for block in blocks:
+                if block.strip():
+                    yield Document(block.strip(), path.stem)
+
+    def _jsonl(self, path: Path) -> Iterator[Document]:
+        cfg = self.config
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj[cfg.text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise UserError(f"{path}:{lineno}: not a JSON object with field {cfg.text_field!r} ({exc})") from None
+                domain = str(obj.get(cfg.domain_field, path.stem)) if cfg.domain_field else path.stem
+                yield Document(str(text), domain)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps([self.config.per_line, self.config.text_field,
+                                       self.config.domain_field]).encode())
+        for path in self._paths():
+            h.update(path.read_bytes())
+        return h.hexdigest()
+
+
+@hookimpl
+def rapid_register_data_sources():
+    return {"text": TextFiles}
