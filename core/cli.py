@@ -46,13 +46,14 @@ def run(recipe: Path = typer.Argument(..., help="recipe TOML file"),
 @app.command()
 def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
          set_: Optional[List[str]] = SetOpt,
+         dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Parameter counts (total, dense, active per token) and per-device memory estimates."""
     from rapid.plan import fmt_bytes, fmt_count, make_plan
     from rapid.recipe import load_recipe
 
     registry = _registry()
-    p = make_plan(load_recipe(recipe, set_ or [], registry), registry)
+    p = make_plan(load_recipe(recipe, set_ or [], registry), registry, dp)
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
@@ -61,7 +62,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
     for key in ("params_total", "params_dense", "params_expert", "params_active"):
         t.add_row(key, fmt_count(getattr(p, key)))
     console.print(t)
-    m = Table(title=f"memory per device (world size {p.world_size})")
+    m = Table(title=f"memory per device (planned: world size {p.world_size}; ZeRO rows: {p.zero_dp} data-parallel ranks)")
     for col in ("layout", "params", "grads", "optimizer", "activations", "total"):
         m.add_column(col, justify="right")
     mp = p.memory_planned

@@ -45,7 +45,7 @@ class Corpus:
         return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
 
 
-def _train_tokenizer(texts: list[str], vocab_size: int, target: Path) -> None:
+def _train_tokenizer(texts: list[str], vocab_size: int, coverage: float, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         corpus = Path(tmp) / "train.txt"
@@ -53,13 +53,13 @@ def _train_tokenizer(texts: list[str], vocab_size: int, target: Path) -> None:
         try:
             spm.SentencePieceTrainer.train(
                 input=str(corpus), model_prefix=str(Path(tmp) / "spm"), vocab_size=vocab_size,
-                model_type="bpe", character_coverage=0.9995, byte_fallback=True,
+                model_type="bpe", character_coverage=coverage, byte_fallback=True,
                 unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,   # eos doubles as the end-of-document token
                 input_sentence_size=200_000, shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
                 max_sentence_length=16384, minloglevel=2)
         except RuntimeError as exc:
             raise UserError(f"sentencepiece could not train a {vocab_size}-token BPE vocabulary: {exc}",
-                            hint="lower [model] vocab_size or add text") from None
+                            hint="raise [model] vocab_size or lower [data] character_coverage") from None
         os.replace(Path(tmp) / "spm.model", target)
 
 
@@ -73,7 +73,7 @@ def prepare_corpus(source: DataSource, vocab_size: int) -> Corpus:
     cfg = source.config
     key_src = json.dumps({"format": CORPUS_FORMAT, "source": source.fingerprint(), "vocab": vocab_size,
                           "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents,
-                          "tokenizer": cfg.tokenizer}, sort_keys=True)
+                          "tokenizer": cfg.tokenizer, "coverage": cfg.character_coverage}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     root = cache_dir() / "corpus" / key
     meta_path = root / "meta.json"
@@ -100,7 +100,7 @@ def prepare_corpus(source: DataSource, vocab_size: int) -> Corpus:
     else:
         tok_path = cache_dir() / "tokenizers" / f"{key}.model"
         if not tok_path.exists():
-            _train_tokenizer([d.text for d in train_docs], vocab_size, tok_path)
+            _train_tokenizer([d.text for d in train_docs], vocab_size, cfg.character_coverage, tok_path)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     if sp.get_piece_size() != vocab_size:
         raise UserError(f"tokenizer {tok_path} has {sp.get_piece_size()} pieces but [model] vocab_size={vocab_size}")

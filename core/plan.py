@@ -55,6 +55,7 @@ class Plan:
     params_active: int
     precision: str
     world_size: int
+    zero_dp: int                               # data-parallel size of the ZeRO table
     memory_planned: dict[str, int]             # this recipe's strategy, per device
     memory_by_zero_stage: dict[str, dict] = field(default_factory=dict)
 
@@ -62,7 +63,8 @@ class Plan:
         return asdict(self)
 
 
-def make_plan(recipe, registry) -> Plan:
+def make_plan(recipe, registry, dp: int | None = None) -> Plan:
+    """``dp`` sets the data-parallel size of the ZeRO table (default: the strategy's world size)."""
     from rapid.train import build_model
 
     with torch.device("meta"):
@@ -76,9 +78,9 @@ def make_plan(recipe, registry) -> Plan:
     by_stage = {}
     for prec in ("fp32", "bf16"):
         for stage in range(4):
-            mem = zero_memory(counts["params_total"], prec, stage, world)
+            mem = zero_memory(counts["params_total"], prec, stage, dp or world)
             by_stage[f"{prec}/zero{stage}"] = {**mem, "total": sum(mem.values())}
-    return Plan(**counts, precision=precision, world_size=world, memory_planned=planned,
+    return Plan(**counts, precision=precision, world_size=world, zero_dp=dp or world, memory_planned=planned,
                 memory_by_zero_stage=by_stage)
 
 

@@ -28,6 +28,7 @@ class RunConfig:
     steps: int = 100
     log_every: int = 10
     eval_every: int = 50           # 0 = only at the end
+    eval_at_start: bool = False    # also validate the untrained model (logged as step 0)
     eval_batches: int = 8
     save_every: int = 0            # 0 = no periodic checkpoints (the final one is always written)
     keep_checkpoints: int = 2      # newest periodic checkpoints kept on disk

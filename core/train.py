@@ -22,7 +22,8 @@ from rapid.plugins import Registry
 from rapid.recipe import Recipe, resolve
 from rapid.types import Batch, ModelOutput
 
-RESUMABLE_RUN_KEYS = ("steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints")
+RESUMABLE_RUN_KEYS = ("steps", "log_every", "eval_every", "eval_at_start", "eval_batches", "save_every",
+                      "keep_checkpoints")
 
 
 def build_model(recipe: Recipe, registry: Registry) -> nn.Module:
@@ -174,6 +175,10 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
     sums: dict[str, float] = {}
     bar = _Progress(run_cfg.steps, start, enabled=progress)
     with bar, metrics_path.open("a") as metrics_file:
+        if run_cfg.eval_at_start and start == 0:
+            record = {"step": 0, "val_loss": evaluate(model, engine, loss_fn, val, device)}
+            metrics_file.write(json.dumps(record) + "\n")
+            registry.step_end(0, record)
         for step in range(start + 1, run_cfg.steps + 1):
             t0 = time.perf_counter()
             for _ in range(par.grad_accum):

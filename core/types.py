@@ -176,6 +176,7 @@ class DataConfig:
     """Keys every ``[data]`` table has; data sources subclass it to add their own."""
     val_fraction: float = 0.02        # documents held out for validation
     tokenizer: str = ""               # path to a sentencepiece model; "" trains one (cached)
+    character_coverage: float = 0.9995  # sentencepiece: rarer characters fall back to bytes
     max_documents: int = 0            # 0 = all
 
 

@@ -1,0 +1,173 @@
+"""MoE layer forward+backward: rapid vs a dense FFN of the same shape over the same tokens (the
+ideal: same FLOPs, no routing) vs deepspeed.moe.layer.MoE (k=1), all measured in this run.
+
+    python bench/moe_layer.py                      # T = 4096 and 16384, fp32 and bf16
+    python bench/moe_layer.py --tokens 4096 --dtypes fp32 --iters 3
+
+Every iteration draws fresh random inputs and output gradients, so per-expert token counts change
+as they do in training. Layers are timed round-robin (one iteration each in turn) so machine noise
+hits all of them alike; the median is reported, as a ratio to the dense FFN.
+
+Memory: peak bytes allocated during one forward+backward, from torch.profiler's allocation events,
+minus the bytes of the parameter gradients it produced (8x larger for 8 experts than for the dense
+FFN, and the same for every MoE implementation): what remains is activations and temporaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+D_MODEL, D_FF, EXPERTS, CF = 512, 2048, 8, 1.25
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class DenseFFN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D_MODEL, D_FF, bias=False)
+        self.proj = nn.Linear(D_FF, D_MODEL, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class RapidMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from rapid.builtin.routers.top1 import Top1Router
+        from rapid.kernels import Kernels
+        from rapid.moe import MoE
+        from rapid.plugins import Registry, make_plugin_manager
+        from rapid.types import MoESpec
+
+        spec = MoESpec(D_MODEL, EXPERTS, 1, CF, CF, 4, "random", False)
+        kernels = Kernels(Registry(make_plugin_manager(autoload=False)), "auto")
+        self.moe = MoE(spec, Top1Router(Top1Router.Config(), spec), D_FF, kernels)
+        self.moe.experts.reset_parameters(0.02, 0.02)
+        self.token_ids = torch.zeros(1, dtype=torch.long)
+
+    def forward(self, x):
+        ids = self.token_ids.expand(x.shape[0])
+        out, routing = self.moe(x, ids, ids)
+        return out + 0 * sum(routing.losses.values())
+
+
+class DeepSpeedMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        import torch.distributed as dist
+        from deepspeed.moe.layer import MoE
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+        self.moe = MoE(hidden_size=D_MODEL, expert=DenseFFN(), num_experts=EXPERTS, ep_size=1, k=1,
+                       capacity_factor=CF, eval_capacity_factor=CF, min_capacity=4, drop_tokens=True, use_rts=True)
+
+    def forward(self, x):
+        out, l_aux, _ = self.moe(x[None])
+        return out[0] + 0 * l_aux
+
+
+def make_layers(names):
+    ctors = {"dense": DenseFFN, "rapid": RapidMoE, "deepspeed": DeepSpeedMoE}
+    layers = {}
+    for name in names:
+        try:
+            torch.manual_seed(0)
+            layers[name] = ctors[name]()
+        except ImportError as exc:
+            print(f"# skipping {name}: {exc}")
+    return layers
+
+
+def step(layer, x, g, dtype):
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    with ctx:
+        out = layer(x)
+    out.float().backward(g)
+
+
+def grad_bytes(layer):
+    return sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters() if p.grad is not None)
+
+
+def peak_bytes(layer, x, g, dtype) -> int:
+    layer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(layer, x, g, dtype)
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak - grad_bytes(layer)
+
+
+def bench(T: int, dtype_name: str, iters: int, layers: dict) -> dict:
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(T)
+
+    def fresh():
+        x = torch.randn(T, D_MODEL, generator=gen).requires_grad_()
+        return x, torch.randn(T, D_MODEL, generator=gen)
+
+    times = {name: [] for name in layers}
+    for it in range(iters + 2):           # two warm-up rounds
+        for name, layer in layers.items():
+            x, g = fresh()
+            layer.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step(layer, x, g, dtype)
+            if it >= 2:
+                times[name].append(time.perf_counter() - t0)
+    x, g = fresh()
+    res = {name: {"ms": 1e3 * statistics.median(t), "peak_mib": peak_bytes(layers[name], x, g, dtype) / 2**20}
+           for name, t in times.items()}
+    base = res["dense"]
+    for r in res.values():
+        r["time_x"] = r["ms"] / base["ms"]
+        r["mem_x"] = r["peak_mib"] / base["peak_mib"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", nargs="+", default=["dense", "rapid", "deepspeed"])
+    ap.add_argument("--json", help="also write results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    layers = make_layers(args.layers)
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+          f"d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-1, capacity factor {CF}, median of {args.iters}")
+    print("| tokens | dtype | layer | ms/iter | x dense | peak act. MiB | x dense |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    out = []
+    for T in args.tokens:
+        for dt in args.dtypes:
+            for name, r in bench(T, dt, args.iters, layers).items():
+                print(f"| {T} | {dt} | {name} | {r['ms']:.1f} | {r['time_x']:.3f} | {r['peak_mib']:.1f} | {r['mem_x']:.3f} |",
+                      flush=True)
+                out.append({"tokens": T, "dtype": dt, "layer": name, **r})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAPID_DISABLE_PLUGIN_AUTOLOAD", "1")
+    main()

@@ -1,0 +1,102 @@
+"""Every registered kernel backend that answers on CPU, against a naive per-token loop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rapid.kernels import OPS, Kernels
+from rapid.plugins import Registry, make_plugin_manager
+
+REG = Registry(make_plugin_manager())
+BACKENDS = [b for b, _, _ in REG.kernel_providers()]
+
+
+def naive_moe(x_TD, ids_TK, w_TK, w1, w2):
+    """out[t] = sum_k w[t,k] * FFN_{ids[t,k]}(x[t]), token by token."""
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(ids_TK.shape[1]):
+            e = int(ids_TK[t, k])
+            if e >= 0:
+                out[t] += w_TK[t, k] * (F.gelu(x_TD[t] @ w1[e]) @ w2[e])
+    return out
+
+
+def _case(T=37, D=8, F_=16, E=5, K=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    ids[torch.rand(T, K, generator=g) < 0.2] = -1                 # some dropped slots
+    ids[:, :][ids == 3] = -1                                       # expert 3 gets no tokens at all
+    w = torch.rand(T, K, generator=g, dtype=torch.float64) * (ids >= 0)
+    w1 = torch.randn(E, D, F_, generator=g, dtype=torch.float64)
+    w2 = torch.randn(E, F_, D, generator=g, dtype=torch.float64)
+    return x, ids, w, w1, w2
+
+
+def run_kernels(k, x, ids, w, w1, w2):
+    x_ND, perm = k.permute(x, ids, w1.shape[0])
+    y = k.grouped_mlp(x_ND, perm.counts_E, w1, w2, "gelu")
+    return k.unpermute(y, perm, w), perm
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 2])
+def test_forward_and_grads_match_naive_loop(backend, K):
+    k = Kernels(REG, backend)
+    try:
+        k.get("permute", torch.empty(0))
+    except Exception:
+        pytest.skip(f"backend {backend!r} has no CPU kernels")
+    x, ids, w, w1, w2 = _case(K=K)
+    leaves = [t.requires_grad_() for t in (x, w, w1, w2)]
+    out, perm = run_kernels(k, x, ids, w, w1, w2)
+    ref = naive_moe(*[t for t in (x, ids, w, w1, w2)])
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert perm.counts_E[3] == 0
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * g).sum(), leaves)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-9)
+    assert torch.count_nonzero(grads[2][3]) == 0      # an expert with no rows: zero grad, not None
+
+
+def test_permute_groups_rows_by_expert():
+    k = Kernels(REG, "reference")
+    x = torch.arange(6.0)[:, None]
+    ids = torch.tensor([[2], [0], [-1], [2], [1], [0]])
+    x_ND, perm = k.permute(x, ids, 3)
+    assert perm.counts_E == [2, 1, 2]
+    assert x_ND[:, 0].tolist() == [1.0, 5.0, 4.0, 0.0, 3.0]   # stable within each expert
+
+
+def test_explicit_backend_without_kernel_is_an_error():
+    from rapid.errors import UserError
+    k = Kernels(REG, "cuda")
+    if any(b == "cuda" for b in BACKENDS):
+        pytest.skip("a cuda backend is installed")
+    with pytest.raises(UserError, match="no 'permute' kernel for backend 'cuda'"):
+        k.get("permute", torch.empty(0))
+
+
+def test_unknown_backend_lists_valid():
+    from rapid.errors import UserError
+    with pytest.raises(UserError, match="valid: auto, reference"):
+        Kernels(REG, "fastest")
+
+
+def test_ops_listed():
+    assert OPS == ("permute", "grouped_mlp", "unpermute")
+
+
+def test_bf16_autocast_runs_in_bf16():
+    k = Kernels(REG, "reference")
+    x, ids, w, w1, w2 = (t.float() if t.is_floating_point() else t for t in _case(K=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_ND, perm = k.permute(x, ids, 5)
+        y = k.grouped_mlp(x_ND, perm.counts_E, w1, w2)
+    assert y.dtype == torch.bfloat16
+    ref = naive_moe(x.double(), ids, torch.ones_like(w).double() * (ids >= 0), w1.double(), w2.double())
+    out = k.unpermute(y.float(), perm, (ids >= 0).float())
+    assert torch.allclose(out.double(), ref, rtol=0.05, atol=0.3)
