@@ -8,9 +8,10 @@ Every iteration draws fresh random inputs and output gradients, so per-expert to
 as they do in training. Layers are timed round-robin (one iteration each in turn) so machine noise
 hits all of them alike; the median is reported, as a ratio to the dense FFN.
 
-Memory: peak bytes allocated during one forward+backward, from torch.profiler's allocation events,
-minus the bytes of the parameter gradients it produced (8x larger for 8 experts than for the dense
-FFN, and the same for every MoE implementation): what remains is activations and temporaries.
+Memory: peak bytes allocated during one forward+backward (inputs and parameters already exist;
+gradients start as None, as after ``zero_grad(set_to_none=True)``), from every allocation and free
+that torch.profiler records. The MoE layers' parameter gradients are 8x the dense FFN's (8 experts):
+that is part of what they pay.
 """
 
 from __future__ import annotations
@@ -98,20 +99,16 @@ def step(layer, x, g, dtype):
     out.float().backward(g)
 
 
-def grad_bytes(layer):
-    return sum(p.grad.numel() * p.grad.element_size() for p in layer.parameters() if p.grad is not None)
-
-
 def peak_bytes(layer, x, g, dtype) -> int:
     layer.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(layer, x, g, dtype)
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
-    for e in events:
-        current += e.cpu_memory_usage
+    for e in sorted(events, key=lambda e: e.start_ns()):  # every allocation (+) and free (-) in order
+        current += e.nbytes()
         peak = max(peak, current)
-    return peak - grad_bytes(layer)
+    return peak
 
 
 def bench(T: int, dtype_name: str, iters: int, layers: dict) -> dict:
@@ -154,7 +151,7 @@ def main():
     layers = make_layers(args.layers)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-1, capacity factor {CF}, median of {args.iters}")
-    print("| tokens | dtype | layer | ms/iter | x dense | peak act. MiB | x dense |")
+    print("| tokens | dtype | layer | ms/iter | x dense | peak MiB | x dense |")
     print("|---:|---|---|---:|---:|---:|---:|")
     out = []
     for T in args.tokens:

@@ -39,47 +39,65 @@ def _act(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h, approximate=_GELU_APPROX[activation])
 
 
-def _act_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+def _act_backward_(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """Overwrite ``h`` with d act(h) * grad (elementwise, so writing over an input is safe)."""
     if activation == "relu":
-        return grad * (h > 0)
-    return torch.ops.aten.gelu_backward(grad, h, approximate=_GELU_APPROX[activation])
+        return torch.mul(grad, h > 0, out=h)
+    return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=_GELU_APPROX[activation], grad_input=h)
 
 
 class _GroupedMLP(torch.autograd.Function):
+    """y = act(x @ w1[e]) @ w2[e] over each expert's contiguous rows.
+
+    Saves only x and the pre-activation h (the activation is recomputed) and runs backward in two
+    passes that reuse those buffers: pass 1 computes dW2 and overwrites h with dh, pass 2 computes
+    dW1 and overwrites x with dx. No [N, F] or [N, D] buffer is allocated in backward, so the peak
+    stays under a dense FFN's plus the experts' own weight gradients. Because backward consumes its
+    saved tensors it runs once per forward (no ``retain_graph``)."""
+
     @staticmethod
     def forward(ctx, x_ND, w1_EDF, w2_EFD, counts_E, activation):
         N = x_ND.shape[0]
         h_NF = x_ND.new_empty(N, w1_EDF.shape[2])
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
-        start = 0
-        for e, n in enumerate(counts_E):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(x_ND[rows], w1_EDF[e], out=h_NF[rows])
-                torch.mm(_act(h_NF[rows], activation), w2_EFD[e], out=y_ND[rows])
-                start += n
+        for e, rows in _expert_rows(counts_E):
+            torch.mm(x_ND[rows], w1_EDF[e], out=h_NF[rows])
+            torch.mm(_act(h_NF[rows], activation), w2_EFD[e], out=y_ND[rows])
         ctx.save_for_backward(x_ND, h_NF, w1_EDF, w2_EFD)
-        ctx.counts_E, ctx.activation = counts_E, activation
+        ctx.counts_E, ctx.activation, ctx.consumed = counts_E, activation, False
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
+        if ctx.consumed:
+            raise RuntimeError("grouped_mlp's backward consumes its saved activations; it cannot be retained")
+        ctx.consumed = True
         x_ND, h_NF, w1_EDF, w2_EFD = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_x = torch.empty_like(x_ND)
-        grad_w1 = torch.zeros_like(w1_EDF)   # experts with no rows get zero gradients, not None
-        grad_w2 = torch.zeros_like(w2_EFD)
-        start = 0
-        for e, n in enumerate(ctx.counts_E):
-            if n:
-                rows = slice(start, start + n)
-                h, g = h_NF[rows], grad_ND[rows]
-                torch.mm(_act(h, ctx.activation).t(), g, out=grad_w2[e])
-                grad_h = _act_backward(g @ w2_EFD[e].t(), h, ctx.activation)
-                torch.mm(x_ND[rows].t(), grad_h, out=grad_w1[e])
-                torch.mm(grad_h, w1_EDF[e].t(), out=grad_x[rows])
-                start += n
-        return grad_x, grad_w1, grad_w2, None, None
+        grad_w2 = torch.zeros_like(w2_EFD) if 0 in ctx.counts_E else torch.empty_like(w2_EFD)
+        for e, rows in _expert_rows(ctx.counts_E):          # pass 1: dW2, then h <- dh
+            h, g = h_NF[rows], grad_ND[rows]
+            a = _act(h, ctx.activation)
+            torch.mm(a.t(), g, out=grad_w2[e])
+            _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
+            del a  # free before the next expert's activation is allocated
+        grad_w1 = torch.zeros_like(w1_EDF) if 0 in ctx.counts_E else torch.empty_like(w1_EDF)
+        for e, rows in _expert_rows(ctx.counts_E):          # pass 2: dW1, then x <- dx
+            torch.mm(x_ND[rows].t(), h_NF[rows], out=grad_w1[e])
+            torch.mm(h_NF[rows], w1_EDF[e].t(), out=x_ND[rows])
+        # x_ND now holds dx. Writing over an input is safe here: the out= writes bump its version
+        # counter, so any other op that saved x_ND would fail loudly in its backward, never silently.
+        return x_ND, grad_w1, grad_w2, None, None
+
+
+def _expert_rows(counts_E: list[int]):
+    """(expert, row slice) for every expert that has rows. Experts without rows get zero weight
+    gradients (not None), so they stay in the autograd graph."""
+    start = 0
+    for e, n in enumerate(counts_E):
+        if n:
+            yield e, slice(start, start + n)
+            start += n
 
 
 def grouped_mlp(x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tensor,
@@ -89,10 +107,27 @@ def grouped_mlp(x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tenso
         return _GroupedMLP.apply(x_ND.to(dtype), w1_EDF.to(dtype), w2_EFD.to(dtype), counts_E, activation)
 
 
+class _Unpermute(torch.autograd.Function):
+    """out[t] = sum over rows r of token t: w[r] * y[r], without a [N, D] product temporary in
+    backward (the weight gradient is a batched row dot product)."""
+
+    @staticmethod
+    def forward(ctx, y_ND, w_N, token_idx_N, num_tokens):
+        ctx.save_for_backward(y_ND, w_N, token_idx_N)
+        out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
+        return out_TD.index_add_(0, token_idx_N, y_ND * w_N[:, None])
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_ND, w_N, token_idx_N = ctx.saved_tensors
+        g_ND = grad_TD.index_select(0, token_idx_N)
+        grad_w = torch.bmm(g_ND.unsqueeze(1), y_ND.unsqueeze(2)).view(-1) if ctx.needs_input_grad[1] else None
+        return g_ND.mul_(w_N[:, None]), grad_w, None, None
+
+
 def unpermute(y_ND: Tensor, perm: Permutation, weights_TK: Tensor) -> Tensor:
     w_N = weights_TK.reshape(-1).index_select(0, perm.slot_N).to(y_ND.dtype)
-    out_TD = y_ND.new_zeros(perm.num_tokens, y_ND.shape[1])
-    return out_TD.index_add(0, perm.token_idx_N, y_ND * w_N[:, None])
+    return _Unpermute.apply(y_ND, w_N, perm.token_idx_N, perm.num_tokens)
 
 
 KERNELS = {"permute": permute, "grouped_mlp": grouped_mlp, "unpermute": unpermute}
