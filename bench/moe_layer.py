@@ -8,6 +8,10 @@ Every iteration draws fresh random inputs and output gradients, so per-expert to
 as they do in training. Layers are timed round-robin (one iteration each in turn) so machine noise
 hits all of them alike; the median is reported, as a ratio to the dense FFN.
 
+Host memory: by default the whole process runs with ``rapid.cpu.keep_freed_memory()`` (what
+``rapid run`` does on the CPU), so no layer pays page faults for re-allocating large tensors;
+``--system-malloc`` measures glibc's default behaviour instead.
+
 Memory: peak bytes allocated during one forward+backward (inputs and parameters already exist;
 gradients start as None, as after ``zero_grad(set_to_none=True)``), from every allocation and free
 that torch.profiler records. The MoE layers' parameter gradients are 8x the dense FFN's (8 experts):
@@ -145,12 +149,18 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", nargs="+", default=["dense", "rapid", "deepspeed"])
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc malloc as it is (default: rapid.cpu.keep_freed_memory, for every layer)")
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.system_malloc:
+        from rapid.cpu import keep_freed_memory
+        keep_freed_memory()
     layers = make_layers(args.layers)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-1, capacity factor {CF}, median of {args.iters}")
+          f"d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-1, capacity factor {CF}, median of {args.iters}, "
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}")
     print("| tokens | dtype | layer | ms/iter | x dense | peak MiB | x dense |")
     print("|---:|---|---|---:|---:|---:|---:|")
     out = []

@@ -33,6 +33,7 @@ class RunConfig:
     save_every: int = 0            # 0 = no periodic checkpoints (the final one is always written)
     keep_checkpoints: int = 2      # newest periodic checkpoints kept on disk
     device: str = "auto"           # auto | cpu | cuda
+    cpu_keep_freed_memory: bool = True  # CPU: reuse freed host memory instead of page-faulting it again
 
 
 @dataclass

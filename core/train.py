@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rapid import checkpoint
+from rapid.cpu import keep_freed_memory
 from rapid.data import BatchIterator, PackedSequences, prepare_corpus, val_batches
 from rapid.errors import UserError
 from rapid.kernels import Kernels
@@ -144,6 +145,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
     strategy.check(recipe)
     device = strategy.device(run_cfg.device)
     check_memory(recipe, registry, device)
+    if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
     loss_fn = LossFn(recipe, registry)
 
     source = registry.get("data", recipe.names["data"])(recipe.data)

@@ -109,7 +109,7 @@ def grouped_mlp(x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tenso
 
 class _Unpermute(torch.autograd.Function):
     """out[t] = sum over rows r of token t: w[r] * y[r], without a [N, D] product temporary in
-    backward (the weight gradient is a batched row dot product)."""
+    backward (the weight gradient is a row-wise dot product)."""
 
     @staticmethod
     def forward(ctx, y_ND, w_N, token_idx_N, num_tokens):
@@ -121,7 +121,7 @@ class _Unpermute(torch.autograd.Function):
     def backward(ctx, grad_TD):
         y_ND, w_N, token_idx_N = ctx.saved_tensors
         g_ND = grad_TD.index_select(0, token_idx_N)
-        grad_w = torch.bmm(g_ND.unsqueeze(1), y_ND.unsqueeze(2)).view(-1) if ctx.needs_input_grad[1] else None
+        grad_w = torch.linalg.vecdot(g_ND, y_ND) if ctx.needs_input_grad[1] else None
         return g_ND.mul_(w_N[:, None]), grad_w, None, None
 
 
