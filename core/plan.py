@@ -71,6 +71,7 @@ def make_plan(recipe, registry, dp: int | None = None) -> Plan:
         model = build_model(recipe, registry)
     counts = count_params(model, getattr(recipe.model, "top_k", 1))
     strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel)
+    strategy.check(recipe)
     precision, world = recipe.parallel.precision, strategy.world_size
     planned = strategy.memory_plan(counts["params_total"])
     planned["activations"] = activation_bytes(recipe.model, recipe.parallel.micro_batch, precision)

@@ -93,8 +93,8 @@ def check_memory(recipe: Recipe, registry: Registry, device: torch.device) -> No
             f"this recipe needs about {fmt_bytes(need)} per device ({plan.params_total / 1e9:.2f}B parameters, "
             f"{plan.precision}, {recipe.names['parallel']}) but {device.type} has {fmt_bytes(have)} available; "
             "stopped before allocating",
-            hint="`rapid plan` shows the breakdown; use fewer experts/layers/hidden, bf16 with a ZeRO "
-                 "strategy over more devices, or a smaller micro_batch")
+            hint="`rapid plan` shows the breakdown and `rapid plan --dp N` what ZeRO over N devices needs; "
+                 "here, use fewer experts/layers/hidden or a smaller micro_batch")
 
 
 def _resume_state(run_dir: Path, recipe: Recipe):
@@ -170,7 +170,10 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.toml").write_text(recipe.to_toml())
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start) if resume else metrics_path.write_text("")
+    if resume:
+        _truncate_metrics(metrics_path, start)
+    else:
+        metrics_path.write_text("")
 
     tokens_per_step = par.micro_batch * par.grad_accum * seq_len * strategy.world_size
     result = RunResult(run_dir, run_cfg.steps)

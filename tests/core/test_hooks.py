@@ -133,3 +133,37 @@ def test_broken_third_party_plugin_gives_one_clear_error(tmp_path):
     env = {**__import__("os").environ, "RAPID_DISABLE_PLUGIN_AUTOLOAD": "1"}
     ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_plugins_can_add_cli_commands():
+    import typer
+    from typer.testing import CliRunner
+
+    class Hello:
+        @rapid.hookimpl
+        def rapid_add_commands(self, app):
+            @app.command()
+            def hello(name: str = "moe"):
+                typer.echo(f"hello {name}")
+
+    app = typer.Typer()
+
+    @app.command()
+    def other():
+        pass
+
+    Registry(make_plugin_manager(autoload=False, extra=[Hello()])).add_commands(app)
+    result = CliRunner().invoke(app, ["hello", "--name", "experts"])
+    assert result.exit_code == 0 and "hello experts" in result.output
+
+
+def test_step_end_observers_see_metrics():
+    seen = []
+
+    class Observer:
+        @rapid.hookimpl
+        def rapid_step_end(self, step, metrics):
+            seen.append((step, metrics["loss"]))
+
+    Registry(make_plugin_manager(autoload=False, extra=[Observer()])).step_end(3, {"loss": 1.5})
+    assert seen == [(3, 1.5)]

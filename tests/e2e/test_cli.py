@@ -70,3 +70,8 @@ def test_example_plugin_discovered_through_entry_points():
     assert row["kind"] == "router" and row["distribution"] == "rapid-example-router 0.1.0"
     off = json.loads(rapid("plugins", "--json", env={"RAPID_DISABLE_PLUGIN_AUTOLOAD": "1"}).stdout)
     assert "modulo" not in {r["name"] for r in off}
+
+
+def test_plan_checks_the_strategy():
+    p = rapid("plan", "recipes/gpt_moe_tiny.toml", "--set", "parallel.precision=int8")
+    assert p.returncode == 2 and "precision 'int8'; valid: fp32, bf16, fp16" in p.stderr
