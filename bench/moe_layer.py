@@ -115,7 +115,7 @@ def peak_bytes(layer, x, g, dtype) -> int:
     return peak
 
 
-def bench(T: int, dtype_name: str, iters: int, layers: dict) -> dict:
+def bench(T: int, dtype_name: str, iters: int, warmup: int, layers: dict) -> dict:
     dtype = DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(T)
 
@@ -124,13 +124,13 @@ def bench(T: int, dtype_name: str, iters: int, layers: dict) -> dict:
         return x, torch.randn(T, D_MODEL, generator=gen)
 
     times = {name: [] for name in layers}
-    for it in range(iters + 2):           # two warm-up rounds
+    for it in range(iters + warmup):
         for name, layer in layers.items():
             x, g = fresh()
             layer.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             step(layer, x, g, dtype)
-            if it >= 2:
+            if it >= warmup:
                 times[name].append(time.perf_counter() - t0)
     x, g = fresh()
     res = {name: {"ms": 1e3 * statistics.median(t), "peak_mib": peak_bytes(layers[name], x, g, dtype) / 2**20}
@@ -147,6 +147,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", nargs="+", default=["dense", "rapid", "deepspeed"])
     ap.add_argument("--system-malloc", action="store_true",
@@ -166,7 +167,7 @@ def main():
     out = []
     for T in args.tokens:
         for dt in args.dtypes:
-            for name, r in bench(T, dt, args.iters, layers).items():
+            for name, r in bench(T, dt, args.iters, args.warmup, layers).items():
                 print(f"| {T} | {dt} | {name} | {r['ms']:.1f} | {r['time_x']:.3f} | {r['peak_mib']:.1f} | {r['mem_x']:.3f} |",
                       flush=True)
                 out.append({"tokens": T, "dtype": dt, "layer": name, **r})

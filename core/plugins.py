@@ -20,6 +20,7 @@ from rapid.errors import UserError, unknown_name
 
 ENTRY_POINT_GROUP = "rapid"
 DISABLE_AUTOLOAD_ENV = "RAPID_DISABLE_PLUGIN_AUTOLOAD"
+BLOCK_ENV = "RAPID_BLOCK_PLUGINS"   # comma-separated plugin names never registered
 
 BUILTINS = (
     "rapid.model",
@@ -43,9 +44,11 @@ class PluginManager(pluggy.PluginManager):
 
 def make_plugin_manager(*, autoload: bool | None = None, blocked: Iterable[str] = (),
                         extra: Iterable[Any] = ()) -> PluginManager:
-    """Builtins, then ``extra`` plugin objects, then entry points (unless disabled or blocked)."""
+    """Builtins, then ``extra`` plugin objects, then entry points (unless disabled). Plugins named
+    in ``blocked`` or in ``$RAPID_BLOCK_PLUGINS`` are never registered."""
     pm = PluginManager()
-    for name in blocked:
+    env_blocked = [n.strip() for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()]
+    for name in (*blocked, *env_blocked):
         pm.set_blocked(name)
     for modname in BUILTINS:
         if not pm.is_blocked(modname):

@@ -70,6 +70,8 @@ def test_example_plugin_discovered_through_entry_points():
     assert row["kind"] == "router" and row["distribution"] == "rapid-example-router 0.1.0"
     off = json.loads(rapid("plugins", "--json", env={"RAPID_DISABLE_PLUGIN_AUTOLOAD": "1"}).stdout)
     assert "modulo" not in {r["name"] for r in off}
+    blocked = json.loads(rapid("plugins", "--json", env={"RAPID_BLOCK_PLUGINS": "example_router"}).stdout)
+    assert "modulo" not in {r["name"] for r in blocked} and "top1" in {r["name"] for r in blocked}
 
 
 def test_plan_checks_the_strategy():
