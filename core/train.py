@@ -123,6 +123,13 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, engine, loss_fn: LossFn, batches: list[Batch], device) -> float:
     model.eval()
@@ -167,6 +174,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
         engine.load_state_dict(state["engine"])
         batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.toml").write_text(recipe.to_toml())
     metrics_path = run_dir / "metrics.jsonl"
@@ -193,8 +202,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
                     out = model(batch)
                 total, parts = loss_fn(out, batch)
                 engine.backward(total / par.grad_accum)
+                # running sums stay tensors: no device sync until a step is logged
                 for name, value in (("loss", total), *parts.items()):
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / par.grad_accum
+                    sums[name] = sums.get(name, 0.0) + value.detach() / par.grad_accum
                 for name, values in out.stats.items():
                     sums[name] = sums.get(name, 0.0) + sum(values) / len(values) / par.grad_accum
             step_stats = engine.step()
@@ -203,9 +213,9 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
             record: dict = {}
             if step % run_cfg.log_every == 0 or step == run_cfg.steps:
                 n = window_steps
-                record = {"step": step, "loss": sums.pop("loss") / n}
-                record.update({metric_key(k): sums.pop(k) / n for k in loss_fn.terms})
-                record.update({k: v / n for k, v in sums.items()})
+                record = {"step": step, "loss": float(sums.pop("loss")) / n}
+                record.update({metric_key(k): float(sums.pop(k)) / n for k in loss_fn.terms})
+                record.update({k: float(v) / n for k, v in sums.items()})
                 record.update(tokens_per_s=n * tokens_per_step / window_time, **step_stats)
                 sums.clear()
                 window_steps, window_time = 0, 0.0
@@ -220,7 +230,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
             if (run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps:
                 checkpoint.save(run_dir / "checkpoints", step, model.state_dict(),
                                 {"engine": engine.state_dict(), "data": batches.state_dict(),
-                                 "rng": {"torch": torch.get_rng_state()}, "step": step},
+                                 "rng": _rng_state(), "step": step},
                                 keep=run_cfg.keep_checkpoints)
             bar.update(step, result.final.get("loss"), result.final.get("tokens_per_s"), result.val_loss)
     result.seconds = run_time

@@ -28,7 +28,7 @@ class Batch:
 class ModelOutput:
     logits_BSV: Tensor
     aux: dict[str, list[Tensor]] = field(default_factory=dict)   # router loss terms, one per MoE layer
-    stats: dict[str, list[float]] = field(default_factory=dict)  # router statistics, one per MoE layer
+    stats: dict[str, list] = field(default_factory=dict)  # router statistics (float or 0-dim tensor), one per MoE layer
 
 
 LossTerm = Callable[[ModelOutput, Batch], Tensor]
@@ -77,7 +77,7 @@ class Routing:
     weights_TK: Tensor                  # [T, K] combine weights (0 where dropped)
     logits_TE: Tensor | None = None     # router logits, None for routers without a gate (hash, RRE)
     losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float | Tensor] = field(default_factory=dict)  # logged, averaged over layers
 
 
 class Router(nn.Module):
