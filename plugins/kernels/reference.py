@@ -1,9 +1,9 @@
 """Pure-torch reference kernels: the CPU path and the accuracy oracle for every other backend.
 
 Sort / gather / index_add only: no one-hot ``[T, E, C]`` dispatch tensors, so cost is linear in
-tokens. ``grouped_mlp`` is a custom autograd function that keeps only the pre-activation ``h`` for
-backward and recomputes the activation there, so an MoE layer holds less activation memory than a
-dense FFN over the same tokens.
+tokens. ``grouped_mlp`` is a custom autograd function that keeps only the expert inputs and
+pre-activations for backward and reuses those buffers there, so an MoE layer holds less activation
+memory than a dense FFN over the same tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from rapid.kernels import Permutation, compute_dtype
 KERNEL_BACKEND = "reference"
 
 _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
-ACTIVATIONS = tuple(_GELU_APPROX) + ("relu",)
 
 
 def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):

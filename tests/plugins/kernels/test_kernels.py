@@ -11,14 +11,17 @@ REG = Registry(make_plugin_manager())
 BACKENDS = [b for b, _, _ in REG.kernel_providers()]
 
 
-def naive_moe(x_TD, ids_TK, w_TK, w1, w2):
+ACT = {"gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": torch.relu}
+
+
+def naive_moe(x_TD, ids_TK, w_TK, w1, w2, activation="gelu"):
     """out[t] = sum_k w[t,k] * FFN_{ids[t,k]}(x[t]), token by token."""
     out = torch.zeros_like(x_TD)
     for t in range(x_TD.shape[0]):
         for k in range(ids_TK.shape[1]):
             e = int(ids_TK[t, k])
             if e >= 0:
-                out[t] += w_TK[t, k] * (F.gelu(x_TD[t] @ w1[e]) @ w2[e])
+                out[t] += w_TK[t, k] * (ACT[activation](x_TD[t] @ w1[e]) @ w2[e])
     return out
 
 
@@ -34,15 +37,15 @@ def _case(T=37, D=8, F_=16, E=5, K=2, seed=0):
     return x, ids, w, w1, w2
 
 
-def run_kernels(k, x, ids, w, w1, w2):
+def run_kernels(k, x, ids, w, w1, w2, activation="gelu"):
     x_ND, perm = k.permute(x, ids, w1.shape[0])
-    y = k.grouped_mlp(x_ND, perm.counts_E, w1, w2, "gelu")
+    y = k.grouped_mlp(x_ND, perm.counts_E, w1, w2, activation)
     return k.unpermute(y, perm, w), perm
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("K", [1, 2])
-def test_forward_and_grads_match_naive_loop(backend, K):
+@pytest.mark.parametrize("K,activation", [(1, "gelu"), (2, "gelu"), (2, "gelu_tanh"), (1, "relu")])
+def test_forward_and_grads_match_naive_loop(backend, K, activation):
     k = Kernels(REG, backend)
     try:
         k.get("permute", torch.empty(0))
@@ -50,8 +53,8 @@ def test_forward_and_grads_match_naive_loop(backend, K):
         pytest.skip(f"backend {backend!r} has no CPU kernels")
     x, ids, w, w1, w2 = _case(K=K)
     leaves = [t.requires_grad_() for t in (x, w, w1, w2)]
-    out, perm = run_kernels(k, x, ids, w, w1, w2)
-    ref = naive_moe(*[t for t in (x, ids, w, w1, w2)])
+    out, perm = run_kernels(k, x, ids, w, w1, w2, activation)
+    ref = naive_moe(x, ids, w, w1, w2, activation)
     assert torch.allclose(out, ref, atol=1e-10)
     assert perm.counts_E[3] == 0
     g = torch.randn_like(out)
@@ -60,6 +63,15 @@ def test_forward_and_grads_match_naive_loop(backend, K):
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-9)
     assert torch.count_nonzero(grads[2][3]) == 0      # an expert with no rows: zero grad, not None
+
+
+def test_grouped_backward_cannot_be_retained():
+    k = Kernels(REG, "reference")
+    x, ids, w, w1, w2 = _case(K=1)
+    out, _ = run_kernels(k, x.requires_grad_(), ids, w, w1.requires_grad_(), w2)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be retained"):
+        out.sum().backward()
 
 
 def test_permute_groups_rows_by_expert():
