@@ -19,13 +19,17 @@ console = Console()
 SetOpt = typer.Option(None, "--set", help="override a recipe key: table.key=value (repeatable)")
 
 
-def _registry():
+def _registry(ctx: typer.Context | None = None):
+    """The invocation's registry: built once by ``main`` and passed as the context object."""
     from rapid.plugins import Registry
+    if ctx is not None and isinstance(ctx.obj, Registry):
+        return ctx.obj
     return Registry()
 
 
 @app.command()
-def run(recipe: Path = typer.Argument(..., help="recipe TOML file"),
+def run(ctx: typer.Context,
+        recipe: Path = typer.Argument(..., help="recipe TOML file"),
         set_: Optional[List[str]] = SetOpt,
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
@@ -34,7 +38,7 @@ def run(recipe: Path = typer.Argument(..., help="recipe TOML file"),
     from rapid.recipe import load_recipe
     from rapid.train import train
 
-    registry = _registry()
+    registry = _registry(ctx)
     r = load_recipe(recipe, set_ or [], registry)
     run_dir = out or Path("runs") / r.run.name
     result = train(r, run_dir, resume=resume, registry=registry, progress=progress and sys.stderr.isatty())
@@ -44,7 +48,8 @@ def run(recipe: Path = typer.Argument(..., help="recipe TOML file"),
 
 
 @app.command()
-def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
+def plan(ctx: typer.Context,
+         recipe: Path = typer.Argument(..., help="recipe TOML file"),
          set_: Optional[List[str]] = SetOpt,
          dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
@@ -52,7 +57,7 @@ def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
     from rapid.plan import fmt_bytes, fmt_count, make_plan
     from rapid.recipe import load_recipe
 
-    registry = _registry()
+    registry = _registry(ctx)
     p = make_plan(load_recipe(recipe, set_ or [], registry), registry, dp)
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
@@ -73,11 +78,12 @@ def plan(recipe: Path = typer.Argument(..., help="recipe TOML file"),
 
 
 @app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+def plugins(ctx: typer.Context,
+            as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Every registered name by kind, with the plugin and distribution that provide it."""
     from rapid.plugins import KINDS
 
-    registry = _registry()
+    registry = _registry(ctx)
     rows = [{"kind": kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution}
             for kind in KINDS for e in registry.entries(kind).values()]
     rows += [{"kind": "kernel", "name": name, "plugin": plugin, "distribution": dist}
@@ -95,11 +101,12 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="print JSON")):
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        _registry().add_commands(app)
+        registry = _registry()
+        registry.add_commands(app)
     except UserError as exc:
         _fail(exc)
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, obj=registry)
     except UserError as exc:
         _fail(exc)
     except typer.Abort:

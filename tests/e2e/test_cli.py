@@ -77,3 +77,22 @@ def test_example_plugin_discovered_through_entry_points():
 def test_plan_checks_the_strategy():
     p = rapid("plan", "recipes/gpt_moe_tiny.toml", "--set", "parallel.precision=int8")
     assert p.returncode == 2 and "precision 'int8'; valid: fp32, bf16, fp16" in p.stderr
+
+
+def test_run_writes_the_run_directory(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"line {i} of the tiny corpus about experts and routers" for i in range(300)))
+    out = tmp_path / "run"
+    p = rapid("run", "recipes/gpt_moe_tiny.toml", "--out", str(out), "--no-progress",
+              "--set", "data.name=text", "--set", f'data.paths=["{corpus}"]', "--set", "data.per_line=true",
+              "--set", "data.character_coverage=1.0", "--set", "model.vocab_size=300", "--set", "model.seq_len=16",
+              "--set", "run.steps=3", "--set", "run.log_every=1", "--set", "run.eval_batches=1",
+              env={"RAPID_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr
+    assert "done: 3 steps" in p.stdout
+    saved = (out / "recipe.toml").read_text()
+    assert 'name = "text"' in saved and "steps = 3" in saved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "val_loss": rows[0]["val_loss"]}          # eval_at_start
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3] and "val_loss" in rows[-1]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
