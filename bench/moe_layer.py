@@ -152,8 +152,13 @@ def main():
     ap.add_argument("--layers", nargs="+", default=["dense", "rapid", "deepspeed"])
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc malloc as it is (default: rapid.cpu.keep_freed_memory, for every layer)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="repeat the whole measurement in N fresh processes and report the median ratio and "
+                         "its range (on noisy machines the dense baseline alone varies +-15%% between processes)")
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
+    if args.processes > 1:
+        return run_processes(args)
     torch.set_num_threads(args.threads)
     if not args.system_malloc:
         from rapid.cpu import keep_freed_memory
@@ -171,6 +176,44 @@ def main():
                 print(f"| {T} | {dt} | {name} | {r['ms']:.1f} | {r['time_x']:.3f} | {r['peak_mib']:.1f} | {r['mem_x']:.3f} |",
                       flush=True)
                 out.append({"tokens": T, "dtype": dt, "layer": name, **r})
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+def run_processes(args) -> None:
+    """Run this benchmark in ``args.processes`` fresh processes, one after another; aggregate."""
+    import subprocess
+    import sys
+    import tempfile
+
+    child = [a for a in sys.argv[1:]]
+    for flag in ("--processes", "--json"):
+        if flag in child:
+            i = child.index(flag)
+            del child[i:i + 2]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            path = os.path.join(tmp, f"{i}.json")
+            subprocess.run([sys.executable, __file__, *child, "--json", path], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with open(path) as fh:
+                runs.append(json.load(fh))
+    print(f"# {args.processes} processes x (median of {args.iters}); torch {torch.__version__}, {args.threads} threads, "
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}")
+    print("| tokens | dtype | layer | ms/iter | x dense (median) | x dense (range) | peak MiB | x dense |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    out = []
+    for rows in zip(*runs):
+        r0 = rows[0]
+        ratios = sorted(r["time_x"] for r in rows)
+        agg = {"tokens": r0["tokens"], "dtype": r0["dtype"], "layer": r0["layer"],
+               "ms": statistics.median(r["ms"] for r in rows), "time_x": statistics.median(ratios),
+               "time_x_min": ratios[0], "time_x_max": ratios[-1], "peak_mib": r0["peak_mib"], "mem_x": r0["mem_x"]}
+        out.append(agg)
+        print(f"| {agg['tokens']} | {agg['dtype']} | {agg['layer']} | {agg['ms']:.1f} | {agg['time_x']:.3f} | "
+              f"{agg['time_x_min']:.3f}-{agg['time_x_max']:.3f} | {agg['peak_mib']:.1f} | {agg['mem_x']:.3f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
