@@ -20,7 +20,7 @@ def rapid_register_models():
     ``make_router(moe_index, moe_spec) -> Router`` builds the router of one MoE layer and
     ``kernels`` is a ``rapid.kernels.Kernels``. ``forward(batch) -> ModelOutput``. Parameters that
     belong to experts carry the attribute ``rapid_expert = True`` and stack the experts on their first
-    dimension (planning, expert parallelism and checkpoint tools rely on both). The class may define ``plan_hints`` as in ``rapid.plan``.
+    dimension (planning, expert parallelism and checkpoint tools rely on both).
     """
 
 

@@ -190,10 +190,14 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
     sums: dict[str, float] = {}
     bar = _Progress(run_cfg.steps, start, enabled=progress)
     with bar, metrics_path.open("a") as metrics_file:
-        if run_cfg.eval_at_start and start == 0:
-            record = {"step": 0, "val_loss": evaluate(model, engine, loss_fn, val, device)}
+
+        def emit(record: dict) -> None:
             metrics_file.write(json.dumps(record) + "\n")
-            registry.step_end(0, record)
+            metrics_file.flush()
+            registry.step_end(record["step"], record)
+
+        if run_cfg.eval_at_start and start == 0:
+            emit({"step": 0, "val_loss": evaluate(model, engine, loss_fn, val, device)})
         for step in range(start + 1, run_cfg.steps + 1):
             t0 = time.perf_counter()
             for _ in range(par.grad_accum):
@@ -224,9 +228,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
                 record.setdefault("step", step)
                 record["val_loss"] = result.val_loss = evaluate(model, engine, loss_fn, val, device)
             if record:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                registry.step_end(step, record)
+                emit(record)
             if (run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps:
                 checkpoint.save(run_dir / "checkpoints", step, model.state_dict(),
                                 {"engine": engine.state_dict(), "data": batches.state_dict(),

@@ -74,14 +74,14 @@ class _GroupedMLP(torch.autograd.Function):
         ctx.consumed = True
         x_ND, h_NF, w1_EDF, w2_EFD = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_w2 = torch.zeros_like(w2_EFD) if 0 in ctx.counts_E else torch.empty_like(w2_EFD)
+        grad_w2 = _weight_grad(w2_EFD, ctx.counts_E)
         for e, rows in _expert_rows(ctx.counts_E):          # pass 1: dW2, then h <- dh
             h, g = h_NF[rows], grad_ND[rows]
             a = _act(h, ctx.activation)
             torch.mm(a.t(), g, out=grad_w2[e])
             _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
             del a  # free before the next expert's activation is allocated
-        grad_w1 = torch.zeros_like(w1_EDF) if 0 in ctx.counts_E else torch.empty_like(w1_EDF)
+        grad_w1 = _weight_grad(w1_EDF, ctx.counts_E)
         for e, rows in _expert_rows(ctx.counts_E):          # pass 2: dW1, then x <- dx
             torch.mm(x_ND[rows].t(), h_NF[rows], out=grad_w1[e])
             torch.mm(h_NF[rows], w1_EDF[e].t(), out=x_ND[rows])
@@ -102,9 +102,18 @@ def _forward_layout(w_EIO: Tensor) -> Tensor:
     return w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _weight_grad(w_EIO: Tensor, counts_E: list[int]) -> Tensor:
+    """The gradient buffer of stacked expert weights: experts with rows are written whole by their
+    matmul; experts without rows get zeros (not None), so they stay in the autograd graph."""
+    grad = torch.empty_like(w_EIO)
+    for e, n in enumerate(counts_E):
+        if not n:
+            grad[e].zero_()
+    return grad
+
+
 def _expert_rows(counts_E: list[int]):
-    """(expert, row slice) for every expert that has rows. Experts without rows get zero weight
-    gradients (not None), so they stay in the autograd graph."""
+    """(expert, row slice) for every expert that has rows."""
     start = 0
     for e, n in enumerate(counts_E):
         if n:
