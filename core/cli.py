@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="rapid: train sparse Mixture-of-Experts GPT models.")
 console = Console()
 SetOpt = typer.Option(None, "--set", help="override a recipe key: table.key=value (repeatable)")
+RecipeArg = typer.Argument(..., metavar="RECIPE", help="recipe TOML file")
 
 
 def _registry(ctx: typer.Context | None = None):
@@ -29,10 +30,11 @@ def _registry(ctx: typer.Context | None = None):
 
 @app.command()
 def run(ctx: typer.Context,
-        recipe: Path = typer.Argument(..., help="recipe TOML file"),
+        recipe: Path = RecipeArg,
         set_: Optional[List[str]] = SetOpt,
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --out"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar")):
     """Train a recipe: writes DIR/recipe.toml, DIR/metrics.jsonl and DIR/checkpoints/."""
     from rapid.recipe import load_recipe
@@ -41,7 +43,8 @@ def run(ctx: typer.Context,
     registry = _registry(ctx)
     r = load_recipe(recipe, set_ or [], registry)
     run_dir = out or Path("runs") / r.run.name
-    result = train(r, run_dir, resume=resume, registry=registry, progress=progress and sys.stderr.isatty())
+    result = train(r, run_dir, resume=resume, overwrite=overwrite, registry=registry,
+                   progress=progress and sys.stderr.isatty())
     val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     console.print(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.final.get('loss', 0):.4f}"
                   f"{val}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}")
@@ -49,7 +52,7 @@ def run(ctx: typer.Context,
 
 @app.command()
 def plan(ctx: typer.Context,
-         recipe: Path = typer.Argument(..., help="recipe TOML file"),
+         recipe: Path = RecipeArg,
          set_: Optional[List[str]] = SetOpt,
          dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
@@ -99,24 +102,38 @@ def plugins(ctx: typer.Context,
     console.print(t)
 
 
+ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoint tools.")
+app.add_typer(ckpt_app, name="ckpt")
+
+
+@ckpt_app.command("inspect")
+def ckpt_inspect(path: Path = typer.Argument(..., metavar="PATH", help="a checkpoint (step_*) or a run directory"),
+                 as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Layout, step, recipe, parameter counts and verification of a checkpoint."""
+    from rapid import checkpoint
+
+    info = checkpoint.inspect(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"checkpoint {info['path']}", show_header=False)
+    for key in ("step", "verified", "layout", "files"):
+        t.add_row(key, str(info[key]))
+    for key, n in info["params"].items():
+        t.add_row(key, f"{n:,}")
+    console.print(t)
+    if info["recipe"]:
+        console.print(info["recipe"], markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Typer runs in standalone mode: usage errors print its usage message and exit 2."""
     try:
         registry = _registry()
         registry.add_commands(app)
+        app(args=argv, obj=registry, prog_name="rapid")
     except UserError as exc:
         _fail(exc)
-    try:
-        app(args=argv, standalone_mode=False, obj=registry)
-    except UserError as exc:
-        _fail(exc)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 def _fail(exc: UserError) -> None:

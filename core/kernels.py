@@ -3,6 +3,10 @@
 permute:     (x_TD, expert_ids_TK, num_experts) -> (x_ND, Permutation)   rows grouped by expert
 grouped_mlp: (x_ND, counts_E, w1_EDF, w2_EFD, activation) -> y_ND        every expert's FFN
 unpermute:   (y_ND, Permutation, weights_TK) -> out_TD                   scatter back, weighted sum
+
+Memory rule: ``grouped_mlp`` may reuse its input's storage in backward (write dx over x_ND), so
+its caller must not read x_ND after backward, and an implementation must copy an input that is a
+leaf or a view (a caller's own tensor) before doing so. Backward runs once (no ``retain_graph``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from torch import Tensor
 from rapid.errors import UserError
 
 OPS = ("permute", "grouped_mlp", "unpermute")
-BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 @dataclass
@@ -30,23 +33,30 @@ class Kernels:
     """Per-layer handle on the kernels hook; caches the choice per (op, device type, dtype)."""
 
     def __init__(self, registry, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise UserError(f"unknown kernels backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        valid = ["auto", *dict.fromkeys(b for b, _, _ in registry.kernel_providers())]
+        if backend not in valid:
+            raise UserError(f"unknown kernels backend {backend!r}; valid: {', '.join(valid)}")
         self.registry = registry
         self.backend = backend
         self._cache: dict[tuple, object] = {}
 
-    def get(self, op: str, like: Tensor):
-        key = (op, like.device.type, like.dtype)
+    def get(self, op: str, like: Tensor, device_type: str | None = None):
+        device = torch.device(device_type) if device_type else like.device
+        key = (op, device.type, like.dtype)
         fn = self._cache.get(key)
         if fn is None:
-            fn = self.registry.kernel(op, like.device, like.dtype, self.backend)
+            fn = self.registry.kernel(op, device, like.dtype, self.backend)
             if fn is None:
                 raise UserError(
-                    f"no {op!r} kernel for backend {self.backend!r} on {like.device.type}/{like.dtype}",
+                    f"no {op!r} kernel for backend {self.backend!r} on {device.type}/{like.dtype}",
                     hint='set [kernels] backend = "auto" to use whatever implementation fits')
             self._cache[key] = fn
         return fn
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Resolve every op for ``device``/``dtype`` now (before a run writes anything)."""
+        for op in OPS:
+            self.get(op, torch.empty(0, device="meta", dtype=dtype), device.type)
 
     def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):
         return self.get("permute", x_TD)(x_TD, expert_ids_TK, num_experts)

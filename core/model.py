@@ -8,39 +8,47 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from rapid import hookimpl
 from rapid.errors import UserError
 from rapid.kernels import Kernels
-from rapid.moe import DROP_POLICIES, MLP, MoE
-from rapid.types import Batch, ModelOutput, MoESpec, Router
+from rapid.moe import MLP, MoE
+from rapid.types import Batch, DropPolicy, Fraction, ModelOutput, MoESpec, NonNegative, Positive, Router
 
 
 @dataclass
 class Config:
-    vocab_size: int = 8000
-    seq_len: int = 256
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    ffn_mult: int = 4                      # d_ff = ffn_mult * hidden
-    moe_every: int = 2                     # layer i (0-based) is MoE when (i + 1) % moe_every == 0; 0 = dense
-    experts: int | list[int] = 8           # one count, or one per MoE layer (pyramid MoE)
+    vocab_size: Positive = 8000
+    seq_len: Positive = 256
+    hidden: Positive = 256
+    layers: Positive = 4
+    heads: Positive = 4
+    ffn_mult: Positive = 4                 # d_ff = ffn_mult * hidden
+    moe_every: NonNegative = 2             # layer i (0-based) is MoE when (i + 1) % moe_every == 0; 0 = dense
+    experts: Positive | list[Positive] = 8  # one count, or one per MoE layer (pyramid MoE)
     residual: bool = False                 # residual MoE: dense MLP + routed expert (DeepSpeed PR-MoE)
-    top_k: int = 1
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_policy: str = "random"            # random | position | probs
-    dropless: bool = False                 # never drop: capacity = whatever the busiest expert needs
-    activation: str = "gelu"               # gelu | gelu_tanh | relu
-    dropout: float = 0.0
+    top_k: Positive = MoESpec.top_k
+    capacity_factor: Annotated[float, Field(gt=0)] = MoESpec.capacity_factor
+    eval_capacity_factor: Annotated[float, Field(gt=0)] = MoESpec.eval_capacity_factor
+    min_capacity: NonNegative = MoESpec.min_capacity
+    drop_policy: DropPolicy = MoESpec.drop_policy
+    dropless: bool = MoESpec.dropless      # never drop: capacity = whatever the busiest expert needs
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+    dropout: Fraction = 0.0
     tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
+        for e in self.experts_per_moe_layer():
+            if self.top_k > e:
+                raise ValueError(f"top_k={self.top_k} is larger than the expert count {e}")
 
     def moe_layers(self) -> list[int]:
         if self.moe_every <= 0:
@@ -52,25 +60,11 @@ class Config:
         if isinstance(self.experts, int):
             return [self.experts] * n
         if len(self.experts) != n:
-            raise UserError(
-                f"[model] experts lists {len(self.experts)} counts but layers={self.layers} with "
-                f"moe_every={self.moe_every} gives {n} MoE layers ({self.moe_layers()})",
-                hint="give one expert count per MoE layer, or a single int")
+            raise ValueError(
+                f"experts lists {len(self.experts)} counts but layers={self.layers} with "
+                f"moe_every={self.moe_every} gives {n} MoE layers {self.moe_layers()}: "
+                "give one expert count per MoE layer, or a single int")
         return list(self.experts)
-
-    def validate(self) -> None:
-        if self.hidden % self.heads:
-            raise UserError(f"[model] hidden={self.hidden} is not divisible by heads={self.heads}")
-        if self.drop_policy not in DROP_POLICIES:
-            raise UserError(f"[model] drop_policy {self.drop_policy!r}; valid: {', '.join(DROP_POLICIES)}")
-        if self.activation not in ("gelu", "gelu_tanh", "relu"):
-            raise UserError(f"[model] activation {self.activation!r}; valid: gelu, gelu_tanh, relu")
-        for e in self.experts_per_moe_layer():
-            if not 1 <= self.top_k <= e:
-                raise UserError(f"[model] top_k={self.top_k} must be between 1 and the expert count {e}")
-        for key in ("vocab_size", "seq_len", "hidden", "layers", "heads", "ffn_mult"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"[model] {key} must be positive, got {getattr(self, key)}")
 
     def spec(self, num_experts: int) -> MoESpec:
         return MoESpec(self.hidden, num_experts, self.top_k, self.capacity_factor,
@@ -123,7 +117,6 @@ class GPTMoE(nn.Module):
 
     def __init__(self, cfg: Config, make_router: MakeRouter, kernels: Kernels):
         super().__init__()
-        cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)

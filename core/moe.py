@@ -13,15 +13,17 @@ from rapid.types import MoESpec, Router, Routing
 def apply_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, num_experts: int,
                    capacity: int | None) -> Tensor:
     """Keep at most ``capacity`` assignments per expert, those with the highest priority; the
-    others become -1. Two stable sorts, linear memory: no [T, E, C] tensors."""
+    others become -1 (entries that are already -1 stay -1 and take no slot). Two stable sorts,
+    linear memory: no [T, E, C] tensors."""
     if capacity is None:
         return expert_ids_TK
     flat = expert_ids_TK.reshape(-1)
+    key = torch.where(flat >= 0, flat, num_experts)                       # dropped entries sort last
     by_priority = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)
-    order = by_priority[torch.argsort(flat[by_priority], stable=True)]  # grouped by expert, best first
-    counts = torch.bincount(flat.clamp_min(0), minlength=num_experts)
+    order = by_priority[torch.argsort(key[by_priority], stable=True)]    # grouped by expert, best first
+    counts = torch.bincount(key, minlength=num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order].clamp_min(0)]
+    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     keep = torch.empty_like(flat, dtype=torch.bool)
     keep[order] = rank_in_expert < capacity
     return torch.where(keep & (flat >= 0), flat, -1).view_as(expert_ids_TK)
@@ -39,8 +41,6 @@ def drop_priority(policy: str, probs_TK: Tensor) -> Tensor:
         return probs_TK.detach().float()
     raise ValueError(f"unknown drop policy {policy!r}")
 
-
-DROP_POLICIES = ("random", "position", "probs")
 
 
 class Experts(nn.Module):

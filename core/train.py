@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +21,13 @@ from rapid.cpu import keep_freed_memory
 from rapid.data import BatchIterator, PackedSequences, prepare_corpus, val_batches
 from rapid.errors import UserError
 from rapid.kernels import Kernels
-from rapid.plan import available_memory, fmt_bytes, make_plan
+from rapid.plan import available_memory, count_params, fmt_bytes, make_plan
 from rapid.plugins import Registry
 from rapid.recipe import Recipe, resolve
 from rapid.types import Batch, ModelOutput
 
 RESUMABLE_RUN_KEYS = ("steps", "log_every", "eval_every", "eval_at_start", "eval_batches", "save_every",
-                      "keep_checkpoints")
+                      "keep_checkpoints", "max_skipped_steps", "cpu_keep_freed_memory")
 
 
 def build_model(recipe: Recipe, registry: Registry) -> nn.Module:
@@ -34,24 +37,27 @@ def build_model(recipe: Recipe, registry: Registry) -> nn.Module:
     return model_cls(recipe.model, lambda moe_index, spec: router_cls(recipe.router, spec), kernels)
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+def lr_factor(i: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The LR factor of step ``i`` (0-based) of ``total``: linear warmup reaching 1 at step
+    ``warmup - 1``, then cosine decay reaching ``min_ratio`` at the last step ``total - 1``."""
+    if i < warmup:
+        return (i + 1) / warmup
+    span = total - warmup if warmup else total - 1
+    progress = min(1.0, (i + 1 - warmup if warmup else i) / max(1, span))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_factory(recipe: Recipe):
-    o, total = recipe.optim, recipe.run.steps
+def optimizer_factory(recipe: Recipe, horizon: int | None = None):
+    """AdamW + the warmup/cosine schedule over ``horizon`` steps (default ``[run] steps``; a resumed
+    run keeps its checkpoint's horizon)."""
+    o, total = recipe.optim, horizon or recipe.run.steps
 
     def make(model: nn.Module):
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, o.warmup, total, o.min_lr / o.lr if o.lr else 0.0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, o.warmup, total, o.min_lr / o.lr))
         return opt, sched
 
     return make
@@ -66,8 +72,6 @@ class LossFn:
 
     def __init__(self, recipe: Recipe, registry: Registry):
         self.terms = {name: (w, registry.get("loss", name)) for name, w in recipe.loss.items()}
-        if "lm" not in self.terms:
-            raise UserError("[loss] must include lm", hint="add lm = 1.0 to [loss]")
 
     def __call__(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {name: fn(out, batch) for name, (_, fn) in self.terms.items()}
@@ -97,13 +101,21 @@ def check_memory(recipe: Recipe, registry: Registry, device: torch.device) -> No
                  "here, use fewer experts/layers/hidden or a smaller micro_batch")
 
 
+def _say(message: str) -> None:
+    print(f"rapid: {message}", file=sys.stderr, flush=True)
+
+
 def _resume_state(run_dir: Path, recipe: Recipe):
-    ckpt = checkpoint.find_latest(run_dir / "checkpoints")
+    """(step, model_state, state) of the newest checkpoint that verifies and was written by the same
+    recipe (only RESUMABLE_RUN_KEYS may differ)."""
+    ckpt, skipped = checkpoint.find_resumable(run_dir / "checkpoints")
+    for reason in skipped:
+        _say(f"--resume skips a checkpoint: {reason}")
     if ckpt is None:
-        raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-    saved = run_dir / "recipe.toml"
+        raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}",
+                        hint="run without --resume to start fresh")
+    saved = ckpt / "recipe.toml" if (ckpt / "recipe.toml").exists() else run_dir / "recipe.toml"
     if saved.exists():
-        import tomllib
         old, new = tomllib.loads(saved.read_text()), recipe.to_dict()
         for table in (old, new):
             for key in RESUMABLE_RUN_KEYS:
@@ -111,9 +123,20 @@ def _resume_state(run_dir: Path, recipe: Recipe):
         if old != new:
             diff = sorted(f"[{t}] {k}" for t in new for k in set(new[t]) | set(old.get(t, {}))
                           if new[t].get(k) != old.get(t, {}).get(k))
-            raise UserError(f"--resume: recipe differs from the run's recipe.toml in {', '.join(diff)}",
+            raise UserError(f"--resume: recipe differs from {saved} in {', '.join(diff)}",
                             hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} may change on resume")
+    _say(f"resuming from {ckpt}")
     return checkpoint.load(ckpt)
+
+
+def _check_fresh(run_dir: Path, overwrite: bool) -> None:
+    """A new run never silently replaces another run's metrics and checkpoints."""
+    used = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "checkpoints") if p.exists()]
+    if used and not overwrite:
+        raise UserError(f"run directory {run_dir} already holds a run ({', '.join(used)})",
+                        hint="--resume continues it, --out DIR starts elsewhere, --overwrite replaces it")
+    if used:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -132,29 +155,54 @@ def _rng_state() -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, engine, loss_fn: LossFn, batches: list[Batch], device) -> float:
+    """The lm loss per target token over ``batches``. Runs on a forked, fixed RNG: evaluation never
+    draws from (or shifts) the training random stream."""
     model.eval()
-    total = 0.0
-    for batch in batches:
-        batch = batch.to(device)
-        with engine.autocast():
-            out = model(batch)
-        total += float(loss_fn.terms["lm"][1](out, batch))
+    total, count = 0.0, 0.0
+    lm = loss_fn.terms["lm"][1]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for batch in batches:
+            batch = batch.to(device)
+            with engine.autocast():
+                out = model(batch)
+            mask = batch.loss_mask_BS
+            n = float(batch.targets_BS.numel() if mask is None else mask.sum())
+            total, count = total + float(lm(out, batch)) * n, count + n
     model.train()
-    return total / len(batches)
+    return total / max(count, 1.0)
 
 
-def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry: Registry | None = None,
-          progress: bool = True) -> RunResult:
+def preflight(recipe: Recipe, registry: Registry):
+    """Every check that needs no data and no weights, run before anything is written: the strategy
+    against the recipe, the device, the memory plan (which builds the model on the meta device, so
+    model and router options are checked), the loss terms and a kernel for every op."""
+    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel)
+    strategy.check(recipe)
+    device = strategy.device(recipe.run.device)
+    check_memory(recipe, registry, device)
+    kernels = Kernels(registry, recipe.kernels.backend)
+    for dtype in {torch.float32, PRECISION_DTYPES[recipe.parallel.precision]}:
+        kernels.check(device, dtype)
+    return strategy, device, LossFn(recipe, registry)
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          registry: Registry | None = None, progress: bool = True) -> RunResult:
     registry = registry or Registry()
     run_cfg, par = recipe.run, recipe.parallel
     run_dir = Path(out_dir)
-    strategy = registry.get("parallel", recipe.names["parallel"])(par)
-    strategy.check(recipe)
-    device = strategy.device(run_cfg.device)
-    check_memory(recipe, registry, device)
+    strategy, device, loss_fn = preflight(recipe, registry)
     if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
         keep_freed_memory()
-    loss_fn = LossFn(recipe, registry)
+    start, resumed = 0, None
+    if resume:
+        start, model_state, resumed = _resume_state(run_dir, recipe)
+    else:
+        _check_fresh(run_dir, overwrite)
 
     source = registry.get("data", recipe.names["data"])(recipe.data)
     corpus = prepare_corpus(source, recipe.model.vocab_size)
@@ -162,22 +210,27 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
     train_seqs = PackedSequences(corpus.train_tokens, corpus.train_domains, seq_len, "train")
     val = val_batches(PackedSequences(corpus.val_tokens, corpus.val_domains, seq_len, "validation"),
                       par.micro_batch, run_cfg.eval_batches)
+    batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed)
 
+    # The LR schedule's horizon is part of the run: a resumed run keeps its checkpoint's.
+    horizon = int(resumed.get("schedule_steps", run_cfg.steps)) if resumed else run_cfg.steps
+    if horizon != run_cfg.steps:
+        _say(f"[run] steps={run_cfg.steps} but the checkpoint's LR schedule spans {horizon} steps; it is kept "
+             f"(steps past {horizon} run at min_lr={recipe.optim.min_lr})")
     torch.manual_seed(run_cfg.seed)
     model = build_model(recipe, registry).to(device)
-    engine = strategy.wrap(model, optimizer_factory(recipe), recipe.optim.clip)
-    batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed)
-    start = 0
-    if resume:
-        start, model_state, state = _resume_state(run_dir, recipe)
+    engine = strategy.wrap(model, optimizer_factory(recipe, horizon), recipe.optim.clip)
+    skipped_total, skipped_run = 0, 0
+    if resumed:
         model.load_state_dict(model_state)
-        engine.load_state_dict(state["engine"])
-        batches.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        engine.load_state_dict(resumed["engine"])
+        batches.load_state_dict(resumed["data"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        if "cuda" in resumed["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        skipped_total = int(resumed.get("skipped_steps", 0))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         _truncate_metrics(metrics_path, start)
@@ -214,13 +267,23 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
             step_stats = engine.step()
             dt = time.perf_counter() - t0
             window_steps, window_time, run_time = window_steps + 1, window_time + dt, run_time + dt
+            # A step with non-finite gradients (fp16 overflow, a diverging run) was not applied.
+            skipped = bool(step_stats.pop("skipped", False))
+            skipped_total, skipped_run = skipped_total + skipped, (skipped_run + 1) if skipped else 0
+            if skipped_run >= run_cfg.max_skipped_steps:
+                raise UserError(
+                    f"training stopped at step {step}: {skipped_run} consecutive steps had a non-finite loss or "
+                    f"gradients (last loss {float(total):.4g}); nothing was saved after the last checkpoint",
+                    hint="lower [optim] lr, use bf16 instead of fp16, or raise [run] max_skipped_steps; "
+                         "--resume restarts from the last checkpoint")
             record: dict = {}
             if step % run_cfg.log_every == 0 or step == run_cfg.steps:
                 n = window_steps
                 record = {"step": step, "loss": float(sums.pop("loss")) / n}
                 record.update({metric_key(k): float(sums.pop(k)) / n for k in loss_fn.terms})
                 record.update({k: float(v) / n for k, v in sums.items()})
-                record.update(tokens_per_s=n * tokens_per_step / window_time, **step_stats)
+                record.update(tokens_per_s=n * tokens_per_step / window_time, skipped_steps=skipped_total,
+                              **step_stats)
                 sums.clear()
                 window_steps, window_time = 0, 0.0
                 result.final = dict(record)
@@ -229,11 +292,14 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, registry
                 record["val_loss"] = result.val_loss = evaluate(model, engine, loss_fn, val, device)
             if record:
                 emit(record)
-            if (run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps:
+            if ((run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps) and not skipped_run:
                 checkpoint.save(run_dir / "checkpoints", step, model.state_dict(),
                                 {"engine": engine.state_dict(), "data": batches.state_dict(),
-                                 "rng": _rng_state(), "step": step},
-                                keep=run_cfg.keep_checkpoints)
+                                 "rng": _rng_state(), "step": step, "schedule_steps": horizon,
+                                 "skipped_steps": skipped_total},
+                                keep=run_cfg.keep_checkpoints, extra_files={"recipe.toml": recipe.to_toml()},
+                                meta={"layout": {"strategy": recipe.names["parallel"], "world_size": strategy.world_size},
+                                      "params": count_params(model, getattr(recipe.model, "top_k", 1))})
             bar.update(step, result.final.get("loss"), result.final.get("tokens_per_s"), result.val_loss)
     result.seconds = run_time
     result.tokens_per_s = (run_cfg.steps - start) * tokens_per_step / run_time if run_time else 0.0

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator
+from typing import Annotated, Callable, ClassVar, Iterator, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------- annotations for Config fields
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 # ---------------------------------------------------------------- data flowing through a step
@@ -49,16 +56,20 @@ class RouterLoss:
 
 
 # ---------------------------------------------------------------- routers
+DropPolicy = Literal["random", "position", "probs"]
+
+
 @dataclass(frozen=True)
 class MoESpec:
-    """What a router of one MoE layer needs to know about that layer (from ``[model]``)."""
+    """What a router of one MoE layer needs to know about that layer (from ``[model]``, whose MoE
+    defaults are these)."""
     hidden: int
     num_experts: int
     top_k: int = 1
-    capacity_factor: float = 1.0
+    capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
-    drop_policy: str = "random"       # random | position | probs
+    drop_policy: DropPolicy = "random"
     dropless: bool = False
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
@@ -97,12 +108,15 @@ class Router(nn.Module):
 
 
 # ---------------------------------------------------------------- parallel strategies
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 @dataclass
 class ParallelConfig:
     """Keys every ``[parallel]`` table has; strategies subclass it to add their switches."""
-    micro_batch: int = 8
-    grad_accum: int = 1
-    precision: str = "fp32"           # fp32 | bf16 | fp16
+    micro_batch: Positive = 8
+    grad_accum: Positive = 1
+    precision: Precision = "fp32"
 
 
 class Engine:
@@ -121,7 +135,8 @@ class Engine:
 
     def step(self) -> dict[str, float]:
         """Clip, step optimizer and scheduler, zero grads. Returns metrics: ``lr`` (the rate this
-        step used) and ``grad_norm`` at least."""
+        step used), ``grad_norm`` and ``skipped``: True when the gradients were not finite, in which
+        case neither the parameters nor the LR schedule moved (fp16 loss scaling, divergence)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:

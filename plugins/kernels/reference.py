@@ -82,12 +82,15 @@ class _GroupedMLP(torch.autograd.Function):
             _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
             del a  # free before the next expert's activation is allocated
         grad_w1 = _weight_grad(w1_EDF, ctx.counts_E)
+        want_dx = ctx.needs_input_grad[0]
         for e, rows in _expert_rows(ctx.counts_E):          # pass 2: dW1, then x <- dx
             torch.mm(x_ND[rows].t(), h_NF[rows], out=grad_w1[e])
-            torch.mm(h_NF[rows], w1_EDF[e].t(), out=x_ND[rows])
-        # x_ND now holds dx. Writing over an input is safe here: the out= writes bump its version
-        # counter, so any other op that saved x_ND would fail loudly in its backward, never silently.
-        return x_ND, grad_w1, grad_w2, None, None
+            if want_dx:
+                torch.mm(h_NF[rows], w1_EDF[e].t(), out=x_ND[rows])
+        # x_ND now holds dx (the kernel contract allows it: ``grouped_mlp`` copies leaf and view
+        # inputs first). The out= writes bump x_ND's version counter, so any other op that saved
+        # x_ND fails loudly in its backward, never silently.
+        return x_ND if want_dx else None, grad_w1, grad_w2, None, None
 
 
 def _forward_layout(w_EIO: Tensor) -> Tensor:
@@ -123,9 +126,11 @@ def _expert_rows(counts_E: list[int]):
 
 def grouped_mlp(x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tensor,
                 activation: str = "gelu") -> Tensor:
-    dtype = compute_dtype(x_ND)
+    x_ND = x_ND.to(compute_dtype(x_ND))
+    if x_ND.requires_grad and (x_ND.is_leaf or x_ND._base is not None):
+        x_ND = x_ND.clone()   # backward writes dx over its input: never over the caller's tensor
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _GroupedMLP.apply(x_ND.to(dtype), w1_EDF.to(dtype), w2_EFD.to(dtype), counts_E, activation)
+        return _GroupedMLP.apply(x_ND, w1_EDF.to(x_ND.dtype), w2_EFD.to(x_ND.dtype), counts_E, activation)
 
 
 class _Unpermute(torch.autograd.Function):

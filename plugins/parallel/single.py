@@ -4,6 +4,7 @@ every other backend (DDP, DeepSpeed, FairScale, Megatron) implements too."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,18 @@ class SingleEngine(Engine):
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.clip if self.clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        skipped = not math.isfinite(grad_norm)   # the update is not applied, the schedule waits
+        stats = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            stats["loss_scale"] = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)      # skips the update itself on inf/nan gradients
             self.scaler.update()
-        else:
+        elif not skipped:
             self.optimizer.step()
-        self.scheduler.step()
+        if not skipped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"lr": lr, "grad_norm": grad_norm}
+        return stats
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -68,13 +73,8 @@ class Single(ParallelStrategy):
     capabilities = frozenset({"fp32", "bf16", "fp16"})
 
     def check(self, recipe) -> None:
-        if self.config.precision not in PRECISIONS:
-            raise UserError(f"[parallel] precision {self.config.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.config.precision not in self.capabilities:
             raise UserError(f"parallel strategy 'single' does not support precision {self.config.precision!r}")
-        for key in ("micro_batch", "grad_accum"):
-            if getattr(self.config, key) < 1:
-                raise UserError(f"[parallel] {key} must be >= 1, got {getattr(self.config, key)}")
 
     def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer, clip: float) -> Engine:
         device = next(model.parameters()).device

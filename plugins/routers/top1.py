@@ -9,6 +9,7 @@ computed before dropping; z-loss is ``mean(logsumexp(logits)^2)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from rapid import hookimpl
 from rapid.errors import UserError
 from rapid.moe import apply_capacity, drop_priority
-from rapid.types import MoESpec, Router, Routing
+from rapid.types import Fraction, MoESpec, Router, Routing
 
 
 def load_balance_loss(probs_TE: Tensor, top1_T: Tensor) -> Tensor:
@@ -34,16 +35,14 @@ def z_loss(logits_TE: Tensor) -> Tensor:
 class Top1Router(Router):
     @dataclass
     class Config:
-        jitter: float = 0.0          # multiplicative input jitter U(1-eps, 1+eps) during training
-        gate_weights: str = "prob"   # prob: combine weight = router probability; one: weight 1
+        jitter: Fraction = 0.0                   # multiplicative input jitter U(1-eps, 1+eps) in training
+        gate_weights: Literal["prob", "one"] = "prob"  # combine weight = router probability, or 1
 
     def __init__(self, config: Config, spec: MoESpec):
         super().__init__(config, spec)
         if spec.top_k != 1:
             raise UserError(f"router 'top1' routes each token to one expert; [model] top_k={spec.top_k}",
                             hint="set [model] top_k = 1")
-        if config.gate_weights not in ("prob", "one"):
-            raise UserError(f"[router] gate_weights {config.gate_weights!r}; valid: prob, one")
         self.gate = nn.Linear(spec.hidden, spec.num_experts, bias=False)
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:

@@ -45,31 +45,58 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage):
 
 
 def test_pickled_objects_are_refused(tmp_path):
-    """state.pt is loaded with weights_only=True: an arbitrary object in it cannot execute code."""
+    """state.pt is loaded with weights_only=True: an object whose unpickling would run code is
+    refused (with a manifest that matches, so only the loader stands in the way)."""
     path, _, _ = _save(tmp_path)
+    marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (marker.write_text, ("ran",))
 
     torch.save({"evil": Evil()}, path / "state.pt")
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size,
                                      "sha256": checkpoint._sha256(path / "state.pt")}
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception, match="Weights only load failed|Unsupported"):
+    with pytest.raises(UserError, match="cannot be loaded: UnpicklingError: Weights only load failed"):
         checkpoint.load(path)
+    assert not marker.exists()
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path):
-    path, _, _ = _save(tmp_path, step=5)
+def test_resume_takes_newest_verified_and_says_why_others_were_skipped(tmp_path):
+    path5, _, _ = _save(tmp_path, step=5)
     (tmp_path / "ck" / ".tmp-step_00000010-123").mkdir()        # a save interrupted mid-way
-    (tmp_path / "ck" / "step_00000009").mkdir()                 # no manifest: incomplete
-    (tmp_path / "ck" / "latest").unlink()
-    assert checkpoint.find_latest(tmp_path / "ck") == path
+    (tmp_path / "ck" / "step_00000009").mkdir()                 # no manifest
+    path8, _, _ = _save(tmp_path, step=8)
+    (path8 / "state.pt").write_bytes(b"garbage")                # damaged after the save
+    found, skipped = checkpoint.find_resumable(tmp_path / "ck")
+    assert found == path5
+    assert len(skipped) == 2
+    assert "step_00000009 has no readable manifest.json" in skipped[0]
+    assert "step_00000008/state.pt does not match its manifest" in skipped[1]
+    assert checkpoint.find_resumable(tmp_path / "nothing") == (None, [])
+
+
+def test_resave_same_step_replaces_atomically(tmp_path):
+    path, _, _ = _save(tmp_path, step=5)
+    again, model, _ = _save(tmp_path, step=5)
+    assert again == path and not list((tmp_path / "ck").glob(".*step*"))
+    _, loaded, _ = checkpoint.load(path)
+    assert torch.equal(loaded["emb.weight"], model["emb.weight"])
 
 
 def test_keep_prunes_old(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step=step, keep=2)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_inspect_reports_step_layout_and_verification(tmp_path):
+    path, _, _ = _save(tmp_path, step=5)
+    info = checkpoint.inspect(tmp_path / "ck")
+    assert info["step"] == 5 and info["verified"].startswith("ok") and info["path"] == str(path)
+    (path / "model.safetensors").write_bytes(b"x")
+    assert checkpoint.inspect(path)["verified"].startswith("FAILED")
+    with pytest.raises(UserError, match="neither a checkpoint"):
+        checkpoint.inspect(tmp_path)

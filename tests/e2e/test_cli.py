@@ -76,7 +76,7 @@ def test_example_plugin_discovered_through_entry_points():
 
 def test_plan_checks_the_strategy():
     p = rapid("plan", "recipes/gpt_moe_tiny.toml", "--set", "parallel.precision=int8")
-    assert p.returncode == 2 and "precision 'int8'; valid: fp32, bf16, fp16" in p.stderr
+    assert p.returncode == 2 and "precision' is 'int8'; valid: fp32, bf16, fp16" in p.stderr
 
 
 def test_run_writes_the_run_directory(tmp_path):

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+import rapid
 import torch.nn.functional as F
 
 from rapid.kernels import OPS, Kernels
@@ -83,18 +85,27 @@ def test_permute_groups_rows_by_expert():
     assert x_ND[:, 0].tolist() == [1.0, 5.0, 4.0, 0.0, 3.0]   # stable within each expert
 
 
+class _CudaOnly:
+    """A kernel backend that answers only for CUDA tensors."""
+    KERNEL_BACKEND = "cudaonly"
+
+    @rapid.hookimpl
+    def rapid_kernel(self, op, device, dtype, backend):
+        return (lambda *a: None) if backend in ("auto", "cudaonly") and device.type == "cuda" else None
+
+
 def test_explicit_backend_without_kernel_is_an_error():
     from rapid.errors import UserError
-    k = Kernels(REG, "cuda")
-    if any(b == "cuda" for b in BACKENDS):
-        pytest.skip("a cuda backend is installed")
-    with pytest.raises(UserError, match="no 'permute' kernel for backend 'cuda'"):
-        k.get("permute", torch.empty(0))
+    reg = Registry(make_plugin_manager(autoload=False, extra=[_CudaOnly()]))
+    k = Kernels(reg, "cudaonly")
+    with pytest.raises(UserError, match="no 'permute' kernel for backend 'cudaonly' on cpu/torch.float32"):
+        k.check(torch.device("cpu"), torch.float32)
+    Kernels(reg, "auto").check(torch.device("cpu"), torch.float32)      # the reference answers
 
 
 def test_unknown_backend_lists_valid():
     from rapid.errors import UserError
-    with pytest.raises(UserError, match="valid: auto, reference"):
+    with pytest.raises(UserError, match="unknown kernels backend 'fastest'; valid: auto, reference"):
         Kernels(REG, "fastest")
 
 

@@ -88,15 +88,45 @@ def test_state_round_trip():
         assert torch.equal(pa, pb)
 
 
-def test_unknown_precision_lists_valid():
-    with pytest.raises(UserError, match="precision 'fp8'; valid: fp32, bf16, fp16"):
+def test_unsupported_precision_is_refused():
+    with pytest.raises(UserError, match="does not support precision 'fp8'"):
         Single(Single.Config(precision="fp8")).check(None)
-    with pytest.raises(UserError, match="micro_batch must be >= 1"):
-        Single(Single.Config(micro_batch=0)).check(None)
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+def test_lr_schedule_peaks_once_and_ends_at_min_lr():
+    f = [lr_factor(i, 10, 100, 0.1) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] < 1.0 and f.count(max(f)) == 1                 # the peak is held for one step
+    assert f[54] == pytest.approx(0.55)                         # half way through the decay
+    assert f[99] == pytest.approx(0.1) and min(f) == f[99]      # min_lr at the last step
+    assert lr_factor(0, 0, 5, 0.1) == 1.0 and lr_factor(4, 0, 5, 0.1) == pytest.approx(0.1)
+
+
+def test_engine_uses_the_schedule_step_by_step():
+    eng = _engine(lr=0.1)   # warmup 2, 10 steps, min_lr 0.01
+    x = torch.randn(8, 4)
+    lrs = []
+    for _ in range(10):
+        eng.backward(_loss(eng, x))
+        lrs.append(eng.step()["lr"])
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1) and lrs[2] < 0.1
+    assert lrs[-1] == pytest.approx(0.01)
+
+
+def test_non_finite_gradients_skip_the_step():
+    eng = _engine(lr=0.1)
+    before = [p.detach().clone() for p in eng.model.parameters()]
+    eng.backward(_loss(eng, torch.full((8, 4), float("nan"))))
+    stats = eng.step()
+    assert stats["skipped"] and all(torch.equal(a, b) for a, b in zip(before, eng.model.parameters()))
+    eng.backward(_loss(eng, torch.randn(8, 4)))
+    assert eng.step()["lr"] == pytest.approx(0.05)                # the schedule did not move either
+
+
+def test_fp16_overflow_is_skipped_by_the_loss_scaler():
+    eng = _engine("fp16", lr=0.1)
+    before = [p.detach().clone() for p in eng.model.parameters()]
+    eng.backward(_loss(eng, torch.full((8, 4), 1e30)))       # inf in fp16
+    stats = eng.step()
+    assert stats["skipped"] and stats["loss_scale"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, eng.model.parameters()))
