@@ -1,19 +1,19 @@
-"""Documents -> sentencepiece BPE tokenizer -> packed token stream -> deterministic batches.
+"""Documents -> dedup + hash split -> sentencepiece BPE tokenizer -> packed token stream -> batches.
 
 Everything derived from a data source (tokenizer, encoded splits) is cached under
-``$RAPID_CACHE`` (default ``~/.cache/rapid``), keyed by the source's fingerprint and the settings
-that shape it; cache files are written atomically and loaded without pickle.
+``$RAPID_CACHE`` (default ``~/.cache/rapid``) in one directory per key: the source's fingerprint, the
+content of a user tokenizer and the settings that shape the result. The directory is written under a
+temporary name and renamed into place, and its arrays are loaded without pickle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import shutil
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,10 @@ import sentencepiece as spm
 import torch
 
 from rapid.errors import UserError
-from rapid.types import Batch, DataSource
+from rapid.types import Batch, DataSource, Document
 
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2  # 2: dedup + hash split, tokenizer stored with the arrays, user tokenizer keyed by sha256
+_ARRAYS = ("train_tokens", "train_domains", "val_tokens", "val_domains")
 
 
 def cache_dir() -> Path:
@@ -40,13 +41,42 @@ class Corpus:
     train_domains: np.ndarray  # int16 domain id of each token
     val_tokens: np.ndarray
     val_domains: np.ndarray
+    duplicates_dropped: int = 0  # exact copies left out of both splits
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
 
 
+def normalise(text: str) -> str:
+    """A document's identity for dedup and the split: NFKC, whitespace runs -> one space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def split_documents(docs: list[Document], val_fraction: float, dedup: bool = True
+                    ) -> tuple[list[Document], list[Document], int]:
+    """``docs`` -> (train, validation, number of copies dropped).
+
+    With ``dedup`` only the first document with a given normalised text is kept. A document is held
+    out iff the sha256 of its normalised text, as a fraction of 2**256, is below ``val_fraction``: the
+    split of a document never changes when others are added, and copies never straddle it. Both
+    splits are non-empty (the lowest hash is held out, or the highest trained on, if need be), each
+    ordered by hash, which mixes domains deterministically. Needs at least two distinct texts.
+    """
+    hashed, seen = [], set()
+    for doc in docs:
+        h = int.from_bytes(hashlib.sha256(normalise(doc.text).encode()).digest(), "big")
+        if not (dedup and h in seen):
+            hashed.append((h, doc))
+        seen.add(h)
+    if len(seen) < 2:
+        raise UserError(f"the [data] source has {len(seen)} distinct non-empty documents; need at least 2",
+                        hint="check that the data files contain text")
+    cut = min(max(int(val_fraction * 2**256), min(seen) + 1), max(seen))  # hash < cut: validation
+    hashed.sort(key=lambda hd: hd[0])
+    return [d for h, d in hashed if h >= cut], [d for h, d in hashed if h < cut], len(docs) - len(hashed)
+
+
 def _train_tokenizer(texts: list[str], vocab_size: int, coverage: float, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         corpus = Path(tmp) / "train.txt"
         corpus.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
@@ -63,70 +93,85 @@ def _train_tokenizer(texts: list[str], vocab_size: int, coverage: float, target:
         os.replace(Path(tmp) / "spm.model", target)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _user_tokenizer(name: str) -> Path:
+    """The ``[data] tokenizer`` file, which must exist and be a file."""
+    path = Path(name)
+    if path.is_dir():
+        raise UserError(f"[data] tokenizer {name!r} is a directory, not a sentencepiece .model file")
+    if not path.is_file():
+        raise UserError(f"[data] tokenizer {name!r} does not exist", hint='use "" to train one')
+    return path
+
+
+def _load_tokenizer(path: Path, vocab_size: int) -> tuple[spm.SentencePieceProcessor, int]:
+    """The tokenizer at ``path`` and its end-of-document (eos) id, checked against [model] vocab_size."""
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"tokenizer {path} is not a sentencepiece model ({exc})",
+                        hint='point [data] tokenizer at a .model file, or use "" to train one') from None
+    if sp.get_piece_size() != vocab_size:
+        raise UserError(f"tokenizer {path} has {sp.get_piece_size()} pieces but [model] vocab_size={vocab_size}",
+                        hint=f"set [model] vocab_size = {sp.get_piece_size()}")
+    if sp.eos_id() < 0:
+        raise UserError(f"tokenizer {path} has no end-of-document id (its eos_id is -1)",
+                        hint='train it with an eos piece (e.g. --eos_id=1), or use [data] tokenizer = "" to train one')
+    return sp, sp.eos_id()
+
+
+def _load_cached(root: Path, tok_path: Path, vocab_size: int) -> Corpus:
+    """The corpus cached in ``root``, encoded with ``tok_path`` (checked again here)."""
+    meta = json.loads((root / "meta.json").read_text())
+    _, eod = _load_tokenizer(tok_path, vocab_size)
+    arrays = {n: np.load(root / f"{n}.npy", allow_pickle=False) for n in _ARRAYS}
+    return Corpus(tok_path, eod, meta["domains"], **arrays, duplicates_dropped=meta["duplicates_dropped"])
 
 
 def prepare_corpus(source: DataSource, vocab_size: int) -> Corpus:
+    """``source``'s documents deduplicated, split (see ``split_documents``) and encoded with the
+    ``[data] tokenizer`` or one trained on the training split; from the cache when it has them. The
+    tokenizer is checked against ``vocab_size`` on every call."""
     cfg = source.config
+    user_tok = _user_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     key_src = json.dumps({"format": CORPUS_FORMAT, "source": source.fingerprint(), "vocab": vocab_size,
-                          "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents,
-                          "tokenizer": cfg.tokenizer, "coverage": cfg.character_coverage}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    root = cache_dir() / "corpus" / key
-    meta_path = root / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        arrays = {n: np.load(root / f"{n}.npy", allow_pickle=False)
-                  for n in ("train_tokens", "train_domains", "val_tokens", "val_domains")}
-        return Corpus(Path(meta["tokenizer"]), meta["eod_id"], meta["domains"], **arrays)
+                          "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents, "dedup": cfg.dedup,
+                          "tokenizer": user_tok and hashlib.sha256(user_tok.read_bytes()).hexdigest(),
+                          "coverage": cfg.character_coverage}, sort_keys=True)
+    root = cache_dir() / "corpus" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    tok_path = user_tok or root / "tokenizer.model"
+    if (root / "meta.json").exists():
+        return _load_cached(root, tok_path, vocab_size)
 
     docs = [d for d in source.documents() if d.text.strip()]
     if cfg.max_documents:
         docs = docs[: cfg.max_documents]
-    if len(docs) < 2:
-        raise UserError(f"data source yielded {len(docs)} non-empty documents; need at least 2")
-    order = list(range(len(docs)))
-    random.Random(0).shuffle(order)  # the split does not depend on the run seed
-    n_val = max(1, math.ceil(len(docs) * cfg.val_fraction))
-    val_docs, train_docs = [docs[i] for i in order[:n_val]], [docs[i] for i in order[n_val:]]
-
-    if cfg.tokenizer:
-        tok_path = Path(cfg.tokenizer)
-        if not tok_path.exists():
-            raise UserError(f"[data] tokenizer {cfg.tokenizer!r} does not exist", hint='use "" to train one')
-    else:
-        tok_path = cache_dir() / "tokenizers" / f"{key}.model"
-        if not tok_path.exists():
-            _train_tokenizer([d.text for d in train_docs], vocab_size, cfg.character_coverage, tok_path)
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
-    if sp.get_piece_size() != vocab_size:
-        raise UserError(f"tokenizer {tok_path} has {sp.get_piece_size()} pieces but [model] vocab_size={vocab_size}")
-    eod = sp.eos_id() if sp.eos_id() >= 0 else sp.get_piece_size() - 1
-    domains = sorted({d.domain for d in docs})
+    train_docs, val_docs, dropped = split_documents(docs, cfg.val_fraction, cfg.dedup)
+    domains = sorted({d.domain for d in train_docs + val_docs})
     dom_id = {d: i for i, d in enumerate(domains)}
-
-    def encode(split):
-        ids = sp.encode([d.text for d in split])
-        tokens = np.fromiter((t for seq in ids for t in (*seq, eod)), dtype=np.int32)
-        doms = np.repeat(np.array([dom_id[d.domain] for d in split], dtype=np.int16), [len(s) + 1 for s in ids])
-        return tokens, doms
-
-    (train_tokens, train_domains), (val_tokens, val_domains) = encode(train_docs), encode(val_docs)
     tmp_root = root.with_name(root.name + f".tmp{os.getpid()}")
     tmp_root.mkdir(parents=True, exist_ok=True)
-    for name, arr in (("train_tokens", train_tokens), ("train_domains", train_domains),
-                      ("val_tokens", val_tokens), ("val_domains", val_domains)):
-        _save_npy(tmp_root / f"{name}.npy", arr)
-    (tmp_root / "meta.json").write_text(json.dumps(
-        {"tokenizer": str(tok_path), "eod_id": eod, "domains": domains, "source": key_src}))
     try:
-        os.replace(tmp_root, root)
-    except OSError:  # another process finished first; theirs is identical
+        if user_tok is None:
+            _train_tokenizer([d.text for d in train_docs], vocab_size, cfg.character_coverage,
+                             tmp_root / "tokenizer.model")
+        sp, eod = _load_tokenizer(user_tok or tmp_root / "tokenizer.model", vocab_size)
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            ids = sp.encode([d.text for d in split_docs])
+            tokens = np.fromiter((t for seq in ids for t in (*seq, eod)), dtype=np.int32)
+            doms = np.repeat(np.array([dom_id[d.domain] for d in split_docs], dtype=np.int16),
+                             [len(s) + 1 for s in ids])
+            np.save(tmp_root / f"{split}_tokens.npy", tokens)
+            np.save(tmp_root / f"{split}_domains.npy", doms)
+        (tmp_root / "meta.json").write_text(json.dumps(
+            {"domains": domains, "duplicates_dropped": dropped, "train_documents": len(train_docs),
+             "val_documents": len(val_docs), "source": key_src}))
+        try:
+            os.replace(tmp_root, root)
+        except OSError:  # another process finished first: use theirs
+            pass
+    finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    return Corpus(tok_path, eod, domains, train_tokens, train_domains, val_tokens, val_domains)
+    return _load_cached(root, tok_path, vocab_size)
 
 
 class PackedSequences:

@@ -193,6 +193,7 @@ class DataConfig:
     tokenizer: str = ""               # path to a sentencepiece model; "" trains one (cached)
     character_coverage: float = 0.9995  # sentencepiece: rarer characters fall back to bytes
     max_documents: int = 0            # 0 = all
+    dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
 
 
 class DataSource:

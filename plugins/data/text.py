@@ -30,6 +30,10 @@ class TextFiles(DataSource):
         if not self.config.paths:
             raise UserError("[data] name = 'text' needs paths = [...]")
         paths = [Path(p) for p in self.config.paths]
+        dirs = [str(p) for p in paths if p.is_dir()]
+        if dirs:
+            raise UserError(f"[data] paths are directories, not files: {', '.join(dirs)}",
+                            hint="list the files, e.g. with a glob in your shell")
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"[data] paths not found: {', '.join(missing)}")
@@ -40,7 +44,7 @@ class TextFiles(DataSource):
             if path.suffix == ".jsonl":
                 yield from self._jsonl(path)
                 continue
-            text = path.read_text(encoding="utf-8")
+            text = _decode(path.read_bytes(), str(path)).replace("\r\n", "\n").replace("\r", "\n")
             blocks = text.splitlines() if self.config.per_line else text.split("\n\n")
             for block in blocks:
                 if block.strip():
@@ -48,8 +52,9 @@ class TextFiles(DataSource):
 
     def _jsonl(self, path: Path) -> Iterator[Document]:
         cfg = self.config
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:
@@ -61,11 +66,26 @@ class TextFiles(DataSource):
                 yield Document(str(text), domain)
 
     def fingerprint(self) -> str:
+        """Each file's resolved path (domains come from file names), length and content."""
         h = hashlib.sha256(json.dumps([self.config.per_line, self.config.text_field,
                                        self.config.domain_field]).encode())
         for path in self._paths():
-            h.update(path.read_bytes())
+            data = path.read_bytes()
+            h.update(f"{path.resolve()}\0{len(data)}\0".encode())
+            h.update(data)
         return h.hexdigest()
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text of a file (or a line of one, ``where`` = ``file:line``); a UserError if it is not text."""
+    if b"\0" in data:
+        raise UserError(f"{where}: contains NUL bytes; it looks binary, not text",
+                        hint="[data] paths takes UTF-8 plain-text or JSONL files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})",
+                        hint="re-encode it as UTF-8, e.g. iconv -f GBK -t UTF-8") from None
 
 
 @hookimpl
