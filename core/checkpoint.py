@@ -145,7 +145,9 @@ def load(path: Path) -> tuple[int, dict, dict]:
             model_state[alias] = model_state[target]
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
     except Exception as exc:  # verified bytes that still do not parse: written by something else
-        raise UserError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+        why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
+        raise UserError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {lines[0].split('.')[0]}: {why}",
                         hint="only checkpoints written by rapid load; nothing in them is unpickled") from None
     return manifest["step"], model_state, state
 

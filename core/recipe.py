@@ -272,11 +272,11 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
     for table, (kind, default) in PLUGIN_TABLES.items():
         section = raw.get(table, {})
         where = f"{source} [{table}]"
-        name = check_value(section.get("name", default), str, f"{where} key 'name'")
+        via = f"--set {sets(table)['name']}: " if "name" in sets(table) else ""
+        name = check_value(section.get("name", default), str, f"{via}{where} key 'name'")
         try:
             cls = registry.get(kind, name)
         except UserError as exc:
-            via = f"--set {sets(table)['name']}: " if "name" in sets(table) else ""
             raise UserError(f"{via}{where}: {exc}", hint=exc.hint) from None
         names[table] = name
         plugin[table] = build_config(cls.Config, section, f"{where} (name = {name!r})", sets(table), skip=("name",))

@@ -34,7 +34,14 @@ def build_model(recipe: Recipe, registry: Registry) -> nn.Module:
     model_cls = registry.get("model", recipe.names["model"])
     router_cls = registry.get("router", recipe.names["router"])
     kernels = Kernels(registry, recipe.kernels.backend)
-    return model_cls(recipe.model, lambda moe_index, spec: router_cls(recipe.router, spec), kernels)
+
+    def make_router(moe_index, spec):
+        try:
+            return router_cls(recipe.router, spec)
+        except (UserError, ValueError) as exc:
+            raise UserError(f"{recipe.path} [router] (name = {recipe.names['router']!r}): {exc}") from None
+
+    return model_cls(recipe.model, make_router, kernels)
 
 
 def lr_factor(i: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -112,7 +119,8 @@ def _resume_state(run_dir: Path, recipe: Recipe):
     for reason in skipped:
         _say(f"--resume skips a checkpoint: {reason}")
     if ckpt is None:
-        raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}",
+        why = f" ({len(skipped)} skipped, the newest because: {skipped[0]})" if skipped else ""
+        raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}{why}",
                         hint="run without --resume to start fresh")
     saved = ckpt / "recipe.toml" if (ckpt / "recipe.toml").exists() else run_dir / "recipe.toml"
     if saved.exists():
@@ -135,8 +143,6 @@ def _check_fresh(run_dir: Path, overwrite: bool) -> None:
     if used and not overwrite:
         raise UserError(f"run directory {run_dir} already holds a run ({', '.join(used)})",
                         hint="--resume continues it, --out DIR starts elsewhere, --overwrite replaces it")
-    if used:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
@@ -199,6 +205,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
         keep_freed_memory()
     start, resumed = 0, None
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     if resume:
         start, model_state, resumed = _resume_state(run_dir, recipe)
     else:
@@ -222,14 +230,21 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     engine = strategy.wrap(model, optimizer_factory(recipe, horizon), recipe.optim.clip)
     skipped_total, skipped_run = 0, 0
     if resumed:
-        model.load_state_dict(model_state)
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as exc:
+            raise UserError(f"--resume: the checkpoint does not fit this model: {str(exc).splitlines()[-1].strip()}",
+                            hint="resume with the recipe the checkpoint was written with") from None
         engine.load_state_dict(resumed["engine"])
         batches.load_state_dict(resumed["data"])
         torch.set_rng_state(resumed["rng"]["torch"])
         if "cuda" in resumed["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
         skipped_total = int(resumed.get("skipped_steps", 0))
+    # ---- from here on the run directory is written
     run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
@@ -273,7 +288,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
             if skipped_run >= run_cfg.max_skipped_steps:
                 raise UserError(
                     f"training stopped at step {step}: {skipped_run} consecutive steps had a non-finite loss or "
-                    f"gradients (last loss {float(total):.4g}); nothing was saved after the last checkpoint",
+                    f"gradients (last loss {float(total.detach()):.4g}); nothing was saved after the last checkpoint",
                     hint="lower [optim] lr, use bf16 instead of fp16, or raise [run] max_skipped_steps; "
                          "--resume restarts from the last checkpoint")
             record: dict = {}

@@ -189,10 +189,10 @@ class Document:
 @dataclass
 class DataConfig:
     """Keys every ``[data]`` table has; data sources subclass it to add their own."""
-    val_fraction: float = 0.02        # documents held out for validation
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02  # documents held out for validation
     tokenizer: str = ""               # path to a sentencepiece model; "" trains one (cached)
-    character_coverage: float = 0.9995  # sentencepiece: rarer characters fall back to bytes
-    max_documents: int = 0            # 0 = all
+    character_coverage: Annotated[float, Field(gt=0, le=1)] = 0.9995  # rarer characters fall back to bytes
+    max_documents: NonNegative = 0    # 0 = all
     dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
 
 

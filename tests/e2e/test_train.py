@@ -112,3 +112,83 @@ def test_tiny_recipe_short_version_learns(tmp_path):
     assert rows[0]["step"] == 0 and len(vals) == 2                     # eval_at_start, then step 40
     assert vals[-1] < 0.9 * vals[0], vals
     assert 0.0 <= rows[-1]["dropped_frac"] < 1.0
+
+
+def test_evaluation_does_not_shift_the_training_random_stream(tmp_path):
+    """With the random drop policy and an eval capacity below the need, evaluation draws random
+    numbers; it must draw them from its own stream, so the training curve is the same with or
+    without validation in between."""
+    base = dict(data=_text_data(tmp_path), router={"jitter": 0.1},
+                model={"vocab_size": 300, "drop_policy": "random", "capacity_factor": 0.5,
+                       "eval_capacity_factor": 0.5})
+    with_eval = train_raw(tiny_raw(run={"steps": 6, "log_every": 1, "eval_every": 1}, **base), tmp_path / "a",
+                          progress=False)
+    without = train_raw(tiny_raw(run={"steps": 6, "log_every": 1, "eval_every": 0}, **base), tmp_path / "b",
+                        progress=False)
+    a = [r["loss"] for r in _metrics(tmp_path / "a")]
+    b = [r["loss"] for r in _metrics(tmp_path / "b")]
+    assert a == b and with_eval.val_loss == without.val_loss
+
+
+def test_validation_is_a_mean_over_tokens(tmp_path):
+    """A last batch smaller than the others weighs by its tokens, not as a whole batch."""
+    from rapid.train import LossFn, evaluate
+    from rapid.types import Batch, ModelOutput
+
+    class Fixed(torch.nn.Module):
+        def forward(self, batch):
+            return ModelOutput(logits_BSV=torch.zeros(*batch.tokens_BS.shape, 5))
+
+    class Eng:
+        def autocast(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+    loss_fn = LossFn.__new__(LossFn)
+    loss_fn.terms = {"lm": (1.0, lambda out, b: b.targets_BS.float().mean())}   # a batch's "loss": its target
+    big = Batch(torch.zeros(4, 3, dtype=torch.long), torch.full((4, 3), 1), torch.zeros(4, 3, dtype=torch.long))
+    small = Batch(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), 6), torch.zeros(1, 3, dtype=torch.long))
+    assert evaluate(Fixed(), Eng(), loss_fn, [big, small], torch.device("cpu")) == pytest.approx((12 * 1 + 3 * 6) / 15)
+
+
+def test_resume_with_more_steps_keeps_the_schedule(tmp_path, capsys):
+    raw = tiny_raw(run={"steps": 6, "log_every": 1, "save_every": 3}, data=_text_data(tmp_path),
+                   model={"vocab_size": 300}, optim={"lr": 1e-2, "min_lr": 1e-3, "warmup": 1})
+    train_raw(raw, tmp_path / "r", progress=False)
+    first = {r["step"]: r["lr"] for r in _metrics(tmp_path / "r") if "lr" in r}
+    assert first[6] == pytest.approx(1e-3)                         # the schedule ends at min_lr
+    raw["run"]["steps"] = 9
+    train_raw(raw, tmp_path / "r", resume=True, progress=False)
+    assert "LR schedule spans 6 steps; it is kept" in capsys.readouterr().err
+    lrs = {r["step"]: r["lr"] for r in _metrics(tmp_path / "r") if "lr" in r}
+    assert [lrs[s] for s in range(1, 7)] == [first[s] for s in range(1, 7)]
+    assert all(lrs[s] == pytest.approx(1e-3) for s in (7, 8, 9))
+
+
+class Poison:
+    """A loss term that turns non-finite from call ``after`` on."""
+
+    def __init__(self, after):
+        self.after, self.calls = after, 0
+
+    @rapid.hookimpl
+    def rapid_register_losses(self):
+        def poison(out, batch):
+            self.calls += 1
+            zero = out.logits_BSV.float().sum() * 0
+            return zero * float("nan") if self.calls > self.after else zero
+        return {"poison": poison}
+
+
+def test_persistent_non_finite_loss_stops_the_run(tmp_path):
+    from rapid.errors import UserError
+    raw = tiny_raw(run={"steps": 30, "log_every": 1, "save_every": 4, "max_skipped_steps": 3},
+                   data=_text_data(tmp_path), model={"vocab_size": 300}, loss={"lm": 1.0, "poison": 1.0})
+    pm = make_plugin_manager(autoload=False, extra=[Poison(after=5)])
+    with pytest.raises(UserError, match="training stopped at step 8: 3 consecutive steps had a non-finite loss"):
+        train_raw(raw, tmp_path / "r", registry=Registry(pm), progress=False)
+    rows = _metrics(tmp_path / "r")
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0, 0, 0, 1, 2]   # step 8 raised before logging
+    from rapid import checkpoint
+    found, skipped = checkpoint.find_resumable(tmp_path / "r" / "checkpoints")
+    assert found.name == "step_00000004" and not skipped            # the last good checkpoint

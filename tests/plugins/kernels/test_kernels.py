@@ -76,6 +76,21 @@ def test_grouped_backward_cannot_be_retained():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("kind", ["leaf", "view"])
+def test_grouped_mlp_leaves_a_callers_input_intact(kind):
+    """Backward may write dx over the kernel's input; a leaf or a view the caller owns is copied first."""
+    k = Kernels(REG, "reference")
+    x, ids, w, w1, w2 = _case(K=1)
+    counts = [7, 0, 10, 20]
+    w1, w2 = w1[:4], w2[:4]
+    base = torch.randn(40, x.shape[1], dtype=torch.float64, requires_grad=True)
+    x_ND = base if kind == "leaf" else base[3:40]
+    kept = x_ND.detach().clone()
+    y = k.grouped_mlp(x_ND, counts, w1, w2)
+    y.sum().backward()
+    assert torch.equal(x_ND.detach(), kept) and base.grad is not None
+
+
 def test_permute_groups_rows_by_expert():
     k = Kernels(REG, "reference")
     x = torch.arange(6.0)[:, None]

@@ -120,3 +120,13 @@ def test_position_policy_drop_counts_match_deepspeed():
     out = router(E=4, capacity_factor=1.0, drop_policy="position").route(logits)
     ours = torch.bincount(out.expert_ids_TK[out.expert_ids_TK >= 0], minlength=4)
     assert torch.equal(ours, dispatch_TEC.any(dim=2).sum(0))
+
+
+def test_apply_capacity_ignores_dropped_entries():
+    """-1 entries take no slot: they were once counted against expert 0."""
+    ids = torch.tensor([[-1], [-1], [0], [0], [1]])
+    assert apply_capacity(ids, torch.zeros(5, 1), 2, 2)[:, 0].tolist() == [-1, -1, 0, 0, 1]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 4, (300, 1), generator=g)
+    pri = torch.rand(300, 1, generator=g)
+    assert torch.equal(apply_capacity(ids, pri, 4, 7)[:, 0], naive_capacity(ids[:, 0], pri[:, 0], 4, 7))
