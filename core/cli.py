@@ -35,25 +35,43 @@ def run(ctx: typer.Context,
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --out"),
+        nproc: int = typer.Option(1, "--nproc", min=1, help="start N local worker processes (torch's elastic launcher)"),
+        oversubscribe: bool = typer.Option(False, "--allow-oversubscribe", help="allow --nproc above the CPU count"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar")):
     """Train a recipe: writes DIR/recipe.toml, DIR/metrics.jsonl and DIR/checkpoints/."""
+    from rapid import dist
     from rapid.recipe import load_recipe
-    from rapid.train import train
+    from rapid.train import _check_fresh, preflight, train
 
     registry = _registry(ctx)
     r = load_recipe(recipe, set_ or [], registry)
     run_dir = out or Path("runs") / r.run.name
+    if nproc > 1:
+        if dist.env().world > 1:
+            raise UserError("--nproc inside a process that a launcher already started",
+                            hint="let torchrun / srun / the DeepSpeed launcher start the processes, without --nproc")
+        preflight(r, registry, nproc)           # every check before any process starts
+        if resume and overwrite:
+            raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+        if not resume:
+            _check_fresh(run_dir, overwrite)
+        argv = ["run", str(recipe), *(f"--set={s}" for s in set_ or []), "--out", str(run_dir),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                "--progress" if progress else "--no-progress"]
+        raise typer.Exit(dist.launch(argv, nproc, oversubscribe))
     result = train(r, run_dir, resume=resume, overwrite=overwrite, registry=registry,
                    progress=progress and sys.stderr.isatty())
-    val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    console.print(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.final.get('loss', 0):.4f}"
-                  f"{val}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}")
+    if dist.env().rank == 0:
+        val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        console.print(f"done: {result.steps} steps in {result.seconds:.1f}s, loss {result.final.get('loss', 0):.4f}"
+                      f"{val}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", soft_wrap=True)
 
 
 @app.command()
 def plan(ctx: typer.Context,
          recipe: Path = RecipeArg,
          set_: Optional[List[str]] = SetOpt,
+         nproc: int = typer.Option(1, "--nproc", min=1, help="plan for N processes (devices)"),
          dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Parameter counts (total, dense, active per token) and per-device memory estimates."""
@@ -61,7 +79,7 @@ def plan(ctx: typer.Context,
     from rapid.recipe import load_recipe
 
     registry = _registry(ctx)
-    p = make_plan(load_recipe(recipe, set_ or [], registry), registry, dp)
+    p = make_plan(load_recipe(recipe, set_ or [], registry), registry, nproc, dp)
     if as_json:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
@@ -139,8 +157,10 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(exc: UserError) -> None:
     from rich.markup import escape
 
-    err = Console(stderr=True)
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    from rapid.dist import env
+    err, rank = Console(stderr=True), env().rank
+    err.print(f"{f'[rank {rank}] ' if rank else ''}[bold red]error:[/] {escape(str(exc))}", highlight=False,
+              soft_wrap=True)
     if exc.hint:
         err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
     sys.exit(2)

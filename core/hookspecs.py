@@ -73,8 +73,10 @@ def rapid_kernel(op, device, dtype, backend):
 def rapid_register_data_sources():
     """Return ``{name: DataSource subclass}`` (see ``rapid.types.DataSource``).
 
-    ``DataSource(config)`` gets its ``Config`` (extending ``rapid.types.DataConfig``) and yields
-    ``Document(text, domain)`` from ``documents()``; ``fingerprint()`` names its content for caches.
+    ``DataSource(config)`` gets its ``Config`` (the ``[data]`` table's keys other than ``name``);
+    ``corpus(vocab_size)`` returns a ``rapid.types.Corpus``: the tokenizer and one token stream per
+    split. Sources of text subclass ``rapid.builtin.data.corpus.DocumentSource`` and yield
+    ``Document(text, domain)`` from ``documents()``; it deduplicates, splits, tokenizes and caches.
     """
 
 

@@ -2,6 +2,9 @@
 
 permute:     (x_TD, expert_ids_TK, num_experts) -> (x_ND, Permutation)   rows grouped by expert
 grouped_mlp: (x_ND, counts_E, w1_EDF, w2_EFD, activation) -> y_ND        every expert's FFN
+
+``counts_E`` (rows per expert) is a long tensor on the rows' device: an expert-parallel dispatcher
+sends it to other ranks, and a GPU kernel reads it without a host sync (a CPU one may ``tolist()``).
 unpermute:   (y_ND, Permutation, weights_TK) -> out_TD                   scatter back, weighted sum
 
 Memory rule: ``grouped_mlp`` may reuse its input's storage in backward (write dx over x_ND), so
@@ -25,7 +28,7 @@ OPS = ("permute", "grouped_mlp", "unpermute")
 class Permutation:
     token_idx_N: Tensor   # long [N]: source token of each routed row; rows grouped by expert
     slot_N: Tensor        # long [N]: index of the row's assignment in the flattened [T*K] routing
-    counts_E: list[int]   # rows per expert, in expert order
+    counts_E: Tensor      # long [E]: rows per expert, in expert order
     num_tokens: int       # T
 
 
@@ -61,7 +64,7 @@ class Kernels:
     def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):
         return self.get("permute", x_TD)(x_TD, expert_ids_TK, num_experts)
 
-    def grouped_mlp(self, x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tensor,
+    def grouped_mlp(self, x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
                     activation: str = "gelu") -> Tensor:
         return self.get("grouped_mlp", x_ND)(x_ND, counts_E, w1_EDF, w2_EFD, activation)
 

@@ -1,4 +1,11 @@
-"""The MoE feed-forward block: router -> permute -> experts -> unpermute/combine (+ residual MLP)."""
+"""The MoE feed-forward block: router -> dispatch -> experts -> combine (+ residual MLP).
+
+``Dispatcher`` is the seam a parallel strategy replaces: the local one permutes rows by expert and
+back; an expert-parallel one (``rapid.builtin.parallel.expert``) also sends them to the ranks that
+hold those experts. ``Experts`` holds only this rank's experts (global id = local id + ``first``),
+each initialised from its own generator seeded by its global id, so a shard holds exactly the values
+a single process would.
+"""
 
 from __future__ import annotations
 
@@ -42,21 +49,78 @@ def drop_priority(policy: str, probs_TK: Tensor) -> Tensor:
     raise ValueError(f"unknown drop policy {policy!r}")
 
 
-
 class Experts(nn.Module):
-    """E independent FFNs stored as stacked weights (one grouped matmul per projection)."""
+    """Experts ``first .. first + count - 1`` of ``num_experts`` FFNs, stacked on dim 0 (one grouped
+    matmul per projection). Every parameter of an ``Experts`` module is an expert parameter."""
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int, activation: str = "gelu"):
+    def __init__(self, num_experts: int, hidden: int, ffn: int, kernels: Kernels, activation: str = "gelu",
+                 first: int = 0, count: int | None = None):
         super().__init__()
-        self.activation = activation
-        self.w1_EDF = nn.Parameter(torch.empty(num_experts, hidden, ffn))
-        self.w2_EFD = nn.Parameter(torch.empty(num_experts, ffn, hidden))
-        for p in (self.w1_EDF, self.w2_EFD):
-            p.rapid_expert = True
+        self.num_experts, self.first = num_experts, first
+        self.count = num_experts - first if count is None else count
+        self.kernels, self.activation = kernels, activation
+        self.w1_EDF = nn.Parameter(torch.empty(self.count, hidden, ffn))
+        self.w2_EFD = nn.Parameter(torch.empty(self.count, ffn, hidden))
 
+    def shard(self, first: int, count: int) -> None:
+        """Keep only experts ``first .. first + count - 1`` (cheap on the meta device)."""
+        for name in ("w1_EDF", "w2_EFD"):
+            w = getattr(self, name).detach()
+            setattr(self, name, nn.Parameter(w[first - self.first:][:count].clone()))
+        self.first, self.count = first, count
+
+    @torch.no_grad()
     def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1_EDF, std=std)
-        nn.init.normal_(self.w2_EFD, std=out_std)
+        """Expert g draws from a generator seeded by (one draw of the global RNG, g): the same values
+        whichever rank holds it. Rows of a dim-0 sharded (FSDP) parameter are handled too."""
+        base = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        if self.w1_EDF.device.type == "meta":
+            return
+        for w, s in ((self.w1_EDF, std), (self.w2_EFD, out_std)):
+            local, offset = _local_rows(w)
+            for i in range(local.shape[0]):
+                gen = torch.Generator(local.device).manual_seed(base + self.first + offset + i)
+                local[i].normal_(0.0, s, generator=gen)
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows grouped by local expert (``counts_E`` rows each) -> each expert's FFN of its rows."""
+        return self.kernels.grouped_mlp(x_ND, counts_E, self.w1_EDF, self.w2_EFD, self.activation)
+
+
+def _local_rows(w: Tensor) -> tuple[Tensor, int]:
+    """The locally held rows of ``w`` and the index of the first one (DTensor sharded on dim 0)."""
+    if hasattr(w, "to_local"):
+        from torch.distributed.tensor import Shard
+        mesh, local = w.device_mesh, w.to_local()
+        chunk = -(-w.shape[0] // mesh.size())                # torch.chunk's split of dim 0
+        assert [p for p in w.placements] == [Shard(0)], w.placements
+        return local, chunk * mesh.get_local_rank()
+    return w, 0
+
+
+def expert_modules(model: nn.Module):
+    """(qualified name, module) of every ``Experts`` module."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
+
+
+def is_expert_param(name: str, expert_names: list[str]) -> bool:
+    return any(name.startswith(prefix + ".") for prefix in expert_names)
+
+
+class Dispatcher:
+    """Local dispatch: rows grouped by expert and scattered back. ``dispatch`` returns the rows for
+    this rank's experts, grouped by local expert, their per-expert counts (a tensor) and a context
+    for ``combine``."""
+
+    def __init__(self, kernels: Kernels):
+        self.kernels = kernels
+
+    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts):
+        x_ND, perm = self.kernels.permute(x_TD, expert_ids_TK, experts.num_experts)
+        return x_ND, perm.counts_E, perm
+
+    def combine(self, y_ND: Tensor, perm, weights_TK: Tensor) -> Tensor:
+        return self.kernels.unpermute(y_ND, perm, weights_TK)
 
 
 class MLP(nn.Module):
@@ -76,20 +140,19 @@ class MoE(nn.Module):
     def __init__(self, spec: MoESpec, router: Router, ffn: int, kernels: Kernels,
                  residual: bool = False, activation: str = "gelu"):
         super().__init__()
-        self.spec, self.router, self.kernels = spec, router, kernels
-        self.experts = Experts(spec.num_experts, spec.hidden, ffn, activation)
+        self.spec, self.router = spec, router
+        self.dispatcher = Dispatcher(kernels)
+        self.experts = Experts(spec.num_experts, spec.hidden, ffn, kernels, activation)
         # Residual MoE (DeepSpeed PR-MoE): a dense MLP beside the experts, mixed by a learned gate.
         self.residual_mlp = MLP(spec.hidden, ffn, activation) if residual else None
         self.residual_coef = nn.Linear(spec.hidden, 2) if residual else None
 
     def forward(self, x_TD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor) -> tuple[Tensor, Routing]:
         routing = self.router(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T)
-        x_ND, perm = self.kernels.permute(x_TD, routing.expert_ids_TK, self.spec.num_experts)
-        y_ND = self.kernels.grouped_mlp(x_ND, perm.counts_E, self.experts.w1_EDF, self.experts.w2_EFD,
-                                        self.experts.activation)
-        out_TD = self.kernels.unpermute(y_ND, perm, routing.weights_TK).to(x_TD.dtype)
+        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, self.experts)
+        y_ND = self.experts(x_ND, counts_E)
+        out_TD = self.dispatcher.combine(y_ND, ctx, routing.weights_TK).to(x_TD.dtype)
         if self.residual_mlp is not None:
             coef_T2 = torch.softmax(self.residual_coef(x_TD).float(), dim=-1).to(out_TD.dtype)
             out_TD = out_TD * coef_T2[:, :1] + self.residual_mlp(x_TD).to(out_TD.dtype) * coef_T2[:, 1:]
         return out_TD, routing
-

@@ -16,15 +16,16 @@ GiB = 1024**3
 BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
 
 
+PARAM_KEYS = ("params_total", "params_dense", "params_expert", "params_active")
+
+
 def count_params(model: nn.Module, top_k: int) -> dict[str, int]:
-    """Expert parameters carry ``rapid_expert`` and stack experts on their first dimension."""
-    total = expert = active_expert = 0
-    for p in model.parameters():  # parameters() yields tied weights once
-        n = p.numel()
-        total += n
-        if getattr(p, "rapid_expert", False):
-            expert += n
-            active_expert += n // p.shape[0] * top_k
+    """Expert parameters are those of ``rapid.moe.Experts`` modules (experts stacked on dim 0)."""
+    from rapid.moe import expert_modules
+    experts = [p for _, m in expert_modules(model) for p in m.parameters()]
+    total = sum(p.numel() for p in model.parameters())   # parameters() yields tied weights once
+    expert = sum(p.numel() for p in experts)
+    active_expert = sum(p.numel() // p.shape[0] * top_k for p in experts)
     dense = total - expert
     return {"params_total": total, "params_dense": dense, "params_expert": expert,
             "params_active": dense + active_expert}
@@ -63,26 +64,60 @@ class Plan:
         return asdict(self)
 
 
-def make_plan(recipe, registry, dp: int | None = None) -> Plan:
-    """``dp`` sets the data-parallel size of the ZeRO table (default: the strategy's world size)."""
-    from rapid.train import build_model
+def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switches) -> dict[str, int]:
+    """Per-device bytes of strategy ``name`` on ``world`` processes with ``switches`` (other
+    [parallel] keys as in the recipe)."""
+    import dataclasses
+    cls = registry.get("parallel", name)
+    keys = {f.name for f in dataclasses.fields(cls.Config)}
+    shared = {k: v for k, v in dataclasses.asdict(recipe.parallel).items() if k in keys}
+    strategy = cls(cls.Config(**{**shared, **switches}), world)
+    strategy.check(recipe)
+    planned = strategy.memory_plan(counts)
+    planned["activations"] = activation_bytes(recipe.model, strategy.config.micro_batch, strategy.config.precision)
+    planned["total"] = sum(planned.values())
+    return planned
+
+
+def make_plan(recipe, registry, world: int = 1, dp: int | None = None) -> Plan:
+    """The plan of the recipe's strategy on ``world`` processes; ``dp`` sets the data-parallel size
+    of the ZeRO table (default: ``world``)."""
+    from rapid.recipe import build_model
 
     with torch.device("meta"):
         model = build_model(recipe, registry)
     counts = count_params(model, getattr(recipe.model, "top_k", 1))
-    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel)
-    strategy.check(recipe)
-    precision, world = recipe.parallel.precision, strategy.world_size
-    planned = strategy.memory_plan(counts["params_total"])
-    planned["activations"] = activation_bytes(recipe.model, recipe.parallel.micro_batch, precision)
-    planned["total"] = sum(planned.values())
+    planned = layout_memory(recipe, registry, counts, recipe.names["parallel"], world)
     by_stage = {}
     for prec in ("fp32", "bf16"):
         for stage in range(4):
             mem = zero_memory(counts["params_total"], prec, stage, dp or world)
             by_stage[f"{prec}/zero{stage}"] = {**mem, "total": sum(mem.values())}
-    return Plan(**counts, precision=precision, world_size=world, zero_dp=dp or world, memory_planned=planned,
-                memory_by_zero_stage=by_stage)
+    return Plan(**counts, precision=recipe.parallel.precision, world_size=world, zero_dp=dp or world,
+                memory_planned=planned, memory_by_zero_stage=by_stage)
+
+
+def suggest_layout(recipe, registry, budget: int) -> str | None:
+    """The smallest multi-process layout of the builtin strategies whose plan fits ``budget`` bytes
+    per device, as ``rapid run`` options; None if none up to 512 devices does."""
+    from rapid.errors import UserError
+    with torch.device("meta"):
+        from rapid.recipe import build_model
+        counts = count_params(build_model(recipe, registry), getattr(recipe.model, "top_k", 1))
+    experts = recipe.model.experts_per_moe_layer() if hasattr(recipe.model, "experts_per_moe_layer") else [1]
+    for world in (2**i for i in range(10)):
+        for name in ("fsdp", "torch"):
+            for ep in sorted((d for d in range(1, world + 1) if world % d == 0), reverse=True):
+                if any(e % ep for e in experts) or name not in registry.entries("parallel"):
+                    continue
+                try:
+                    need = layout_memory(recipe, registry, counts, name, world, expert_parallel=ep)["total"]
+                except UserError:
+                    continue
+                if need <= budget:
+                    return (f"--nproc {world} --set parallel.name={name} --set parallel.expert_parallel={ep} "
+                            f"({fmt_bytes(need)} per device)")
+    return None
 
 
 def available_memory(device: torch.device) -> int:

@@ -23,10 +23,12 @@ DISABLE_AUTOLOAD_ENV = "RAPID_DISABLE_PLUGIN_AUTOLOAD"
 BLOCK_ENV = "RAPID_BLOCK_PLUGINS"   # comma-separated plugin names never registered
 
 BUILTINS = (
-    "rapid.model",
+    "rapid.builtin.models.gpt_moe",
     "rapid.builtin.losses",
     "rapid.builtin.routers.top1",
     "rapid.builtin.parallel.single",
+    "rapid.builtin.parallel.ddp",
+    "rapid.builtin.parallel.fsdp",
     "rapid.builtin.kernels.reference",
     "rapid.builtin.data.snownlp",
     "rapid.builtin.data.text",

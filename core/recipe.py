@@ -25,6 +25,7 @@ import tomli_w
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from rapid.errors import UserError
+from rapid.kernels import Kernels
 from rapid.types import Fraction, NonNegative, Positive
 
 
@@ -291,3 +292,19 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
         raise UserError(f"{source} [loss]: the lm term needs a positive weight", hint="add lm = 1.0 to [loss]")
     return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin)
 
+
+
+def build_model(recipe: Recipe, registry):
+    """The recipe's model with its routers and kernels, on the current default device (``rapid run``
+    and ``rapid plan`` build it on the meta device)."""
+    model_cls = registry.get("model", recipe.names["model"])
+    router_cls = registry.get("router", recipe.names["router"])
+    kernels = Kernels(registry, recipe.kernels.backend)
+
+    def make_router(moe_index, spec):
+        try:
+            return router_cls(recipe.router, spec)
+        except (UserError, ValueError) as exc:
+            raise UserError(f"{recipe.path} [router] (name = {recipe.names['router']!r}): {exc}") from None
+
+    return model_cls(recipe.model, make_router, kernels)

@@ -1,12 +1,13 @@
-"""The training loop, top to bottom: build -> (resume) -> steps of grad_accum micro-batches ->
-log / validate / checkpoint. ``train(recipe, out_dir)`` is the API that ``rapid run`` (and later
-``rapid sweep``) call; it returns the run's final metrics and timings."""
+"""The training loop, top to bottom: check -> join the process group -> data -> build on meta,
+parallelize, materialise -> (resume) -> steps of grad_accum micro-batches -> log / validate /
+checkpoint. ``train(recipe, out_dir)`` is the API that ``rapid run`` (and later ``rapid sweep``)
+call, in every process; it returns the run's final metrics and timings. Only rank 0 writes
+metrics.jsonl, the progress bar and console output."""
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 import tomllib
@@ -14,34 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from rapid import checkpoint
+from rapid import checkpoint, dist as rdist
+from rapid.batches import BatchIterator, PackedSequences, val_batches
 from rapid.cpu import keep_freed_memory
-from rapid.data import BatchIterator, PackedSequences, prepare_corpus, val_batches
 from rapid.errors import UserError
 from rapid.kernels import Kernels
-from rapid.plan import available_memory, count_params, fmt_bytes, make_plan
+from rapid.plan import PARAM_KEYS, available_memory, fmt_bytes, make_plan, suggest_layout
 from rapid.plugins import Registry
-from rapid.recipe import Recipe, resolve
+from rapid.recipe import Recipe, build_model, resolve
 from rapid.types import Batch, ModelOutput
 
 RESUMABLE_RUN_KEYS = ("steps", "log_every", "eval_every", "eval_at_start", "eval_batches", "save_every",
                       "keep_checkpoints", "max_skipped_steps", "cpu_keep_freed_memory")
-
-
-def build_model(recipe: Recipe, registry: Registry) -> nn.Module:
-    model_cls = registry.get("model", recipe.names["model"])
-    router_cls = registry.get("router", recipe.names["router"])
-    kernels = Kernels(registry, recipe.kernels.backend)
-
-    def make_router(moe_index, spec):
-        try:
-            return router_cls(recipe.router, spec)
-        except (UserError, ValueError) as exc:
-            raise UserError(f"{recipe.path} [router] (name = {recipe.names['router']!r}): {exc}") from None
-
-    return model_cls(recipe.model, make_router, kernels)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def lr_factor(i: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -96,25 +85,29 @@ class RunResult:
     seconds: float = 0.0
 
 
-def check_memory(recipe: Recipe, registry: Registry, device: torch.device) -> None:
-    plan = make_plan(recipe, registry)
+def check_memory(recipe: Recipe, registry: Registry, device: torch.device, world: int):
+    """The plan of this layout, or a UserError naming one that fits when this one does not."""
+    plan = make_plan(recipe, registry, world)
     need, have = plan.memory_planned["total"], available_memory(device)
     if need > have:
+        fits = suggest_layout(recipe, registry, have if device.type == "cuda" else 80 * 1024**3)
         raise UserError(
             f"this recipe needs about {fmt_bytes(need)} per device ({plan.params_total / 1e9:.2f}B parameters, "
-            f"{plan.precision}, {recipe.names['parallel']}) but {device.type} has {fmt_bytes(have)} available; "
-            "stopped before allocating",
-            hint="`rapid plan` shows the breakdown and `rapid plan --dp N` what ZeRO over N devices needs; "
-                 "here, use fewer experts/layers/hidden or a smaller micro_batch")
+            f"{plan.precision}, {recipe.names['parallel']} on {world} process(es)) but {device.type} has "
+            f"{fmt_bytes(have)} available; stopped before allocating",
+            hint=(f"a layout that fits {'this' if device.type == 'cuda' else 'an 80 GB'} device: {fits}; "
+                  if fits else "") + "`rapid plan RECIPE --nproc N --set parallel....` shows any layout")
+    return plan
 
 
 def _say(message: str) -> None:
-    print(f"rapid: {message}", file=sys.stderr, flush=True)
+    if rdist.is_main():
+        print(f"rapid: {message}", file=sys.stderr, flush=True)
 
 
-def _resume_state(run_dir: Path, recipe: Recipe):
-    """(step, model_state, state) of the newest checkpoint that verifies and was written by the same
-    recipe (only RESUMABLE_RUN_KEYS may differ)."""
+def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
+    """The newest checkpoint that verifies and was written by the same recipe (only
+    RESUMABLE_RUN_KEYS may differ)."""
     ckpt, skipped = checkpoint.find_resumable(run_dir / "checkpoints")
     for reason in skipped:
         _say(f"--resume skips a checkpoint: {reason}")
@@ -128,13 +121,17 @@ def _resume_state(run_dir: Path, recipe: Recipe):
         for table in (old, new):
             for key in RESUMABLE_RUN_KEYS:
                 table["run"].pop(key, None)
+            for key in LAYOUT_KEYS:                # the layout may change: checkpoints reshard
+                table["parallel"].pop(key, None)
         if old != new:
             diff = sorted(f"[{t}] {k}" for t in new for k in set(new[t]) | set(old.get(t, {}))
                           if new[t].get(k) != old.get(t, {}).get(k))
             raise UserError(f"--resume: recipe differs from {saved} in {', '.join(diff)}",
-                            hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} may change on resume")
-    _say(f"resuming from {ckpt}")
-    return checkpoint.load(ckpt)
+                            hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} and the [parallel] layout may change")
+    return ckpt
+
+
+LAYOUT_KEYS = ("name", "micro_batch", "expert_parallel", "activation_checkpoint")
 
 
 def _check_fresh(run_dir: Path, overwrite: bool) -> None:
@@ -152,48 +149,53 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, engine, loss_fn: LossFn, batches: list[Batch], device) -> float:
-    """The lm loss per target token over ``batches``. Runs on a forked, fixed RNG: evaluation never
-    draws from (or shifts) the training random stream."""
-    model.eval()
-    total, count = 0.0, 0.0
+def evaluate(engine, loss_fn: LossFn, batches: list[Batch], device) -> float:
+    """The lm loss per target token over every data-parallel rank's ``batches``. Runs on a forked,
+    fixed RNG: evaluation never draws from (or shifts) the training random stream."""
+    engine.model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)   # loss * tokens, tokens
     lm = loss_fn.terms["lm"][1]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         for batch in batches:
             batch = batch.to(device)
             with engine.autocast():
-                out = model(batch)
+                out = engine.model(batch)
             mask = batch.loss_mask_BS
-            n = float(batch.targets_BS.numel() if mask is None else mask.sum())
-            total, count = total + float(lm(out, batch)) * n, count + n
-    model.train()
-    return total / max(count, 1.0)
+            n = batch.targets_BS.numel() if mask is None else mask.sum()
+            sums += torch.stack([lm(out, batch).double() * n, torch.as_tensor(n, dtype=torch.float64, device=device)])
+    engine.model.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1].clamp_min(1))
 
 
-def preflight(recipe: Recipe, registry: Registry):
-    """Every check that needs no data and no weights, run before anything is written: the strategy
-    against the recipe, the device, the memory plan (which builds the model on the meta device, so
-    model and router options are checked), the loss terms and a kernel for every op."""
-    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel)
+def preflight(recipe: Recipe, registry: Registry, world: int):
+    """Every check that needs no data, no weights and no other process, run before anything is
+    written or launched: the strategy against the recipe and the world size, the device, the memory
+    plan (which builds the model on the meta device, so model and router options are checked), the
+    loss terms and a kernel for every op."""
+    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel, world)
     strategy.check(recipe)
     device = strategy.device(recipe.run.device)
-    check_memory(recipe, registry, device)
+    plan = check_memory(recipe, registry, device, world)
     kernels = Kernels(registry, recipe.kernels.backend)
     for dtype in {torch.float32, PRECISION_DTYPES[recipe.parallel.precision]}:
         kernels.check(device, dtype)
-    return strategy, device, LossFn(recipe, registry)
+    return strategy, device, LossFn(recipe, registry), plan
 
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def _corpus(recipe: Recipe, registry: Registry):
+    """Rank 0 prepares (and caches) the corpus first; the others then read the cache."""
+    source = registry.get("data", recipe.names["data"])(recipe.data)
+    if not rdist.is_main():
+        rdist.barrier()
+    try:
+        return source.corpus(recipe.model.vocab_size)
+    finally:
+        if rdist.is_main():
+            rdist.barrier()
 
 
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -201,84 +203,100 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     registry = registry or Registry()
     run_cfg, par = recipe.run, recipe.parallel
     run_dir = Path(out_dir)
-    strategy, device, loss_fn = preflight(recipe, registry)
-    if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
-        keep_freed_memory()
-    start, resumed = 0, None
     if resume and overwrite:
         raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
-    if resume:
-        start, model_state, resumed = _resume_state(run_dir, recipe)
-    else:
+    strategy, device, loss_fn, plan = preflight(recipe, registry, rdist.env().world)
+    if not resume:
         _check_fresh(run_dir, overwrite)
+    me = rdist.init(device.type)
+    try:
+        return _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, overwrite, progress)
+    finally:
+        if me.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
-    source = registry.get("data", recipe.names["data"])(recipe.data)
-    corpus = prepare_corpus(source, recipe.model.vocab_size)
+
+def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, overwrite, progress) -> RunResult:
+    run_cfg, par = recipe.run, recipe.parallel
+    main = rdist.is_main()
+    if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
+    ckpt = _resume_checkpoint(run_dir, recipe) if resume else None
+    corpus = _corpus(recipe, registry)
     seq_len = recipe.model.seq_len
+    dp_rank, dp_size = strategy.data_parallel()
     train_seqs = PackedSequences(corpus.train_tokens, corpus.train_domains, seq_len, "train")
     val = val_batches(PackedSequences(corpus.val_tokens, corpus.val_domains, seq_len, "validation"),
-                      par.micro_batch, run_cfg.eval_batches)
-    batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed)
+                      par.micro_batch, run_cfg.eval_batches, dp_rank, dp_size)
+    batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed, par.grad_accum, dp_rank, dp_size)
 
+    # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
+    with torch.device("meta"):
+        model = build_model(recipe, registry)
+    model = strategy.parallelize(model, device)
+    model.to_empty(device=device)
+    torch.manual_seed(run_cfg.seed)
+    model.reset_parameters()
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     # The LR schedule's horizon is part of the run: a resumed run keeps its checkpoint's.
-    horizon = int(resumed.get("schedule_steps", run_cfg.steps)) if resumed else run_cfg.steps
+    horizon = int(state.get("schedule_steps", run_cfg.steps))
     if horizon != run_cfg.steps:
         _say(f"[run] steps={run_cfg.steps} but the checkpoint's LR schedule spans {horizon} steps; it is kept "
              f"(steps past {horizon} run at min_lr={recipe.optim.min_lr})")
-    torch.manual_seed(run_cfg.seed)
-    model = build_model(recipe, registry).to(device)
     engine = strategy.wrap(model, optimizer_factory(recipe, horizon), recipe.optim.clip)
-    skipped_total, skipped_run = 0, 0
-    if resumed:
-        try:
-            model.load_state_dict(model_state)
-        except RuntimeError as exc:
-            raise UserError(f"--resume: the checkpoint does not fit this model: {str(exc).splitlines()[-1].strip()}",
-                            hint="resume with the recipe the checkpoint was written with") from None
-        engine.load_state_dict(resumed["engine"])
-        batches.load_state_dict(resumed["data"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if "cuda" in resumed["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
-        skipped_total = int(resumed.get("skipped_steps", 0))
-    # ---- from here on the run directory is written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        _truncate_metrics(metrics_path, start)
-    else:
-        metrics_path.write_text("")
+    start, skipped_total, skipped_run = 0, 0, 0
+    if ckpt:
+        _say(f"resuming from {ckpt}")
+        state = checkpoint.load(ckpt, engine)
+        start, skipped_total = int(state["step"]), int(state.get("skipped_steps", 0))
+        batches.load_state_dict(state["data"])
+        if state.get("world_size") != rdist.env().world:
+            torch.manual_seed(run_cfg.seed * 1_000_003 + start * 101 + rdist.env().rank)
+            _say(f"the checkpoint was written by {state.get('world_size')} process(es): parameters and optimizer "
+                 "state were resharded; random streams (jitter, random drops) restart")
 
-    tokens_per_step = par.micro_batch * par.grad_accum * seq_len * strategy.world_size
+    # ---- from here on the run directory is written (by rank 0)
+    metrics_path = run_dir / "metrics.jsonl"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            import shutil
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
+        if resume:
+            _truncate_metrics(metrics_path, start)
+        else:
+            metrics_path.write_text("")
+
+    tokens_per_step = par.micro_batch * par.grad_accum * seq_len * dp_size
     result = RunResult(run_dir, run_cfg.steps)
     window_steps, window_time, run_time = 0, 0.0, 0.0
-    sums: dict[str, float] = {}
-    bar = _Progress(run_cfg.steps, start, enabled=progress)
-    with bar, metrics_path.open("a") as metrics_file:
+    sums: dict[str, torch.Tensor] = {}
+    layout = {"strategy": recipe.names["parallel"], "world_size": rdist.env().world,
+              "expert_parallel": par.expert_parallel}
+    bar = _Progress(run_cfg.steps, start, enabled=progress and main)
+    with bar, (metrics_path.open("a") if main else open(__import__("os").devnull, "w")) as metrics_file:
 
         def emit(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            registry.step_end(record["step"], record)
+            if main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                registry.step_end(record["step"], record)
 
         if run_cfg.eval_at_start and start == 0:
-            emit({"step": 0, "val_loss": evaluate(model, engine, loss_fn, val, device)})
+            emit({"step": 0, "val_loss": evaluate(engine, loss_fn, val, device)})
         for step in range(start + 1, run_cfg.steps + 1):
             t0 = time.perf_counter()
             for _ in range(par.grad_accum):
                 batch = batches.next().to(device)
-                with engine.autocast():
-                    out = model(batch)
+                out = engine.forward(batch)
                 total, parts = loss_fn(out, batch)
                 engine.backward(total / par.grad_accum)
                 # running sums stay tensors: no device sync until a step is logged
                 for name, value in (("loss", total), *parts.items()):
-                    sums[name] = sums.get(name, 0.0) + value.detach() / par.grad_accum
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / par.grad_accum
                 for name, values in out.stats.items():
-                    sums[name] = sums.get(name, 0.0) + sum(values) / len(values) / par.grad_accum
+                    sums[name] = sums.get(name, 0.0) + torch.as_tensor(sum(values) / len(values)).float() / par.grad_accum
             step_stats = engine.step()
             dt = time.perf_counter() - t0
             window_steps, window_time, run_time = window_steps + 1, window_time + dt, run_time + dt
@@ -293,10 +311,15 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
                          "--resume restarts from the last checkpoint")
             record: dict = {}
             if step % run_cfg.log_every == 0 or step == run_cfg.steps:
-                n = window_steps
-                record = {"step": step, "loss": float(sums.pop("loss")) / n}
-                record.update({metric_key(k): float(sums.pop(k)) / n for k in loss_fn.terms})
-                record.update({k: float(v) / n for k, v in sums.items()})
+                n, names = window_steps, list(sums)
+                means = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names])
+                if dist.is_initialized():          # averaged over data-parallel ranks
+                    dist.all_reduce(means)
+                    means /= dist.get_world_size()
+                means = dict(zip(names, (means / n).tolist()))
+                record = {"step": step, "loss": means.pop("loss")}
+                record.update({metric_key(k): means.pop(k) for k in loss_fn.terms})
+                record.update(means)
                 record.update(tokens_per_s=n * tokens_per_step / window_time, skipped_steps=skipped_total,
                               **step_stats)
                 sums.clear()
@@ -304,17 +327,15 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
                 result.final = dict(record)
             if (run_cfg.eval_every and step % run_cfg.eval_every == 0) or step == run_cfg.steps:
                 record.setdefault("step", step)
-                record["val_loss"] = result.val_loss = evaluate(model, engine, loss_fn, val, device)
+                record["val_loss"] = result.val_loss = evaluate(engine, loss_fn, val, device)
             if record:
                 emit(record)
             if ((run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps) and not skipped_run:
-                checkpoint.save(run_dir / "checkpoints", step, model.state_dict(),
-                                {"engine": engine.state_dict(), "data": batches.state_dict(),
-                                 "rng": _rng_state(), "step": step, "schedule_steps": horizon,
-                                 "skipped_steps": skipped_total},
-                                keep=run_cfg.keep_checkpoints, extra_files={"recipe.toml": recipe.to_toml()},
-                                meta={"layout": {"strategy": recipe.names["parallel"], "world_size": strategy.world_size},
-                                      "params": count_params(model, getattr(recipe.model, "top_k", 1))})
+                checkpoint.save(run_dir / "checkpoints", step, engine,
+                                {"format": checkpoint.FORMAT, "step": step, "schedule_steps": horizon,
+                                 "skipped_steps": skipped_total, "data": batches.state_dict()},
+                                keep=run_cfg.keep_checkpoints, recipe=recipe.to_toml(),
+                                meta={"layout": layout, "params": {k: getattr(plan, k) for k in PARAM_KEYS}})
             bar.update(step, result.final.get("loss"), result.final.get("tokens_per_s"), result.val_loss)
     result.seconds = run_time
     result.tokens_per_s = (run_cfg.steps - start) * tokens_per_step / run_time if run_time else 0.0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Callable, ClassVar, Iterator, Literal
+from pathlib import Path
+from typing import Annotated, Callable, ClassVar, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -117,32 +119,42 @@ class ParallelConfig:
     micro_batch: Positive = 8
     grad_accum: Positive = 1
     precision: Precision = "fp32"
+    expert_parallel: Positive = 1         # ranks that share one copy of the experts (E / ep each)
+    activation_checkpoint: bool = False   # recompute each block in backward (non-reentrant)
 
 
 class Engine:
-    """A wrapped model + optimizer, shaped after DeepSpeed's engine."""
+    """A wrapped model + optimizer, shaped after DeepSpeed's engine. ``model`` is what runs the
+    forward (a DDP wrapper, an FSDP module); the loop runs every micro-batch through ``forward``."""
 
     model: nn.Module
-    world_size: int = 1
-    rank: int = 0
 
     def autocast(self):
-        """Context manager for the forward pass (mixed precision)."""
+        """Context manager for a forward pass (mixed precision)."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        """One training micro-batch; gradients are synchronised on the last of ``grad_accum``."""
         raise NotImplementedError
 
     def backward(self, loss: Tensor) -> None:
         raise NotImplementedError
 
     def step(self) -> dict[str, float]:
-        """Clip, step optimizer and scheduler, zero grads. Returns metrics: ``lr`` (the rate this
-        step used), ``grad_norm`` and ``skipped``: True when the gradients were not finite, in which
-        case neither the parameters nor the LR schedule moved (fp16 loss scaling, divergence)."""
+        """Reduce, clip (on the global norm), step optimizer and scheduler, zero grads. Returns
+        metrics: ``lr`` (the rate this step used), ``grad_norm`` and ``skipped``: True when the
+        gradients were not finite, in which case neither the parameters nor the LR schedule moved
+        (fp16 loss scaling, divergence)."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        """(tensors, extra): model and optimizer tensors keyed ``model.<name>`` and
+        ``optim.<name>.<state>`` by full parameter name (sharded ones as DTensors over their global
+        shape, experts at their global index), which a load fills in place; and JSON-able state."""
         raise NotImplementedError
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore the JSON-able part, after the tensors of ``checkpoint_state`` were filled."""
         raise NotImplementedError
 
 
@@ -150,61 +162,80 @@ MakeOptimizer = Callable[[nn.Module], "tuple[torch.optim.Optimizer, torch.optim.
 
 
 class ParallelStrategy:
+    """How a model is spread over processes. Capabilities are checked before any process starts:
+    ``multiprocess``, ``expert_parallel``, ``activation_checkpoint`` and the precisions."""
     Config: ClassVar[type] = ParallelConfig
     capabilities: ClassVar[frozenset[str]] = frozenset()
-    world_size: int = 1
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, world_size: int = 1):
+        self.config, self.world_size = config, world_size
 
     def check(self, recipe) -> None:
-        """Refuse impossible combinations before anything is built (raise UserError)."""
+        """Refuse impossible combinations before anything is built or launched (raise UserError)."""
+        from rapid.errors import UserError
+        name, c = type(self).__name__, self.config
+        wants = [(c.precision, f"precision {c.precision!r}"),
+                 ("multiprocess" if self.world_size > 1 else None, f"{self.world_size} processes"),
+                 ("expert_parallel" if c.expert_parallel > 1 else None, f"expert_parallel={c.expert_parallel}"),
+                 ("activation_checkpoint" if c.activation_checkpoint else None, "activation_checkpoint")]
+        for capability, what in wants:
+            if capability and capability not in self.capabilities:
+                raise UserError(f"parallel strategy {name!r} does not support {what}",
+                                hint="`rapid plugins` lists the strategies; torch and fsdp run several processes")
 
     def device(self, requested: str = "auto") -> torch.device:
-        """The device this process trains on, from ``[run] device``."""
+        """The device this process trains on, from ``[run] device`` (a GPU per local rank)."""
+        from rapid.dist import env
         from rapid.errors import UserError
-        if requested == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if requested == "cuda" and not torch.cuda.is_available():
             raise UserError("[run] device = 'cuda' but no CUDA device is available", hint='use device = "auto"')
-        return torch.device(requested)
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", env().local_rank)
+        return torch.device("cpu")
 
-    def memory_plan(self, params: int) -> dict[str, int]:
-        """Per-device bytes of model states. Default: fp32 weights and gradients plus AdamW's two
-        fp32 states, with bf16/fp16 through autocast (what ``single`` and torch DDP do)."""
-        return {"params": 4 * params, "grads": 4 * params, "optimizer": 8 * params}
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this process among the ranks that see different data."""
+        from rapid.dist import env
+        return env().rank, self.world_size
+
+    def memory_plan(self, counts: dict[str, int]) -> dict[str, int]:
+        """Per-device bytes of model states from the parameter counts of ``rapid.plan``. Default:
+        fp32 weights and gradients plus AdamW's two fp32 states, with bf16/fp16 through autocast
+        (what ``single`` and torch DDP do); expert parameters divided by ``expert_parallel``."""
+        n = counts["params_dense"] + counts["params_expert"] // self.config.expert_parallel
+        return {"params": 4 * n, "grads": 4 * n, "optimizer": 8 * n}
+
+    def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Shard and rewire ``model`` (still on the meta device) before it is materialised."""
+        return model
 
     def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer, clip: float) -> Engine:
-        """Wrap the model (already on ``device()``) and its optimizer into an Engine."""
+        """Wrap the materialised, initialised model and its optimizer into an Engine."""
         raise NotImplementedError
 
 
 # ---------------------------------------------------------------- data
 @dataclass
-class Document:
-    text: str
-    domain: str = "default"
-
-
-@dataclass
-class DataConfig:
-    """Keys every ``[data]`` table has; data sources subclass it to add their own."""
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02  # documents held out for validation
-    tokenizer: str = ""               # path to a sentencepiece model; "" trains one (cached)
-    character_coverage: Annotated[float, Field(gt=0, le=1)] = 0.9995  # rarer characters fall back to bytes
-    max_documents: NonNegative = 0    # 0 = all
-    dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
+class Corpus:
+    """What a data source hands the training loop: one token stream per split."""
+    tokenizer_path: Path
+    eod_id: int
+    domains: list[str]
+    train_tokens: np.ndarray   # int32 stream, documents separated by eod
+    train_domains: np.ndarray  # int16 domain id of each token
+    val_tokens: np.ndarray
+    val_domains: np.ndarray
+    duplicates_dropped: int = 0  # exact copies left out of both splits
 
 
 class DataSource:
-    Config: ClassVar[type] = DataConfig
+    """Base of data sources: ``DataSource(config)`` with the ``[data]`` table's ``Config``, and
+    ``corpus(vocab_size)``. Sources of documents subclass ``rapid.builtin.data.corpus.DocumentSource``,
+    which tokenizes and caches them."""
+    Config: ClassVar[type]
 
     def __init__(self, config):
         self.config = config
 
-    def documents(self) -> Iterator[Document]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> str:
-        """A string that changes whenever ``documents()`` would (used as a cache key)."""
+    def corpus(self, vocab_size: int) -> Corpus:
         raise NotImplementedError

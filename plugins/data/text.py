@@ -15,10 +15,10 @@ from typing import Iterator
 
 from rapid import hookimpl
 from rapid.errors import UserError
-from rapid.types import DataConfig, DataSource, Document
+from rapid.builtin.data.corpus import DataConfig, Document, DocumentSource
 
 
-class TextFiles(DataSource):
+class TextFiles(DocumentSource):
     @dataclass
     class Config(DataConfig):
         paths: list[str] = field(default_factory=list)

@@ -25,8 +25,8 @@ def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):
     flat = expert_ids_TK.reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)           # dropped assignments sort last
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts].tolist()
-    slot_N = order[: sum(counts)]
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    slot_N = order[: int(counts.sum())]
     token_idx_N = slot_N // K if K > 1 else slot_N
     x_ND = x_TD.index_select(0, token_idx_N)
     return x_ND, Permutation(token_idx_N, slot_N, counts, T)
@@ -124,8 +124,9 @@ def _expert_rows(counts_E: list[int]):
             start += n
 
 
-def grouped_mlp(x_ND: Tensor, counts_E: list[int], w1_EDF: Tensor, w2_EFD: Tensor,
+def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
                 activation: str = "gelu") -> Tensor:
+    counts_E = counts_E.tolist() if isinstance(counts_E, Tensor) else list(counts_E)   # the loops need ints
     x_ND = x_ND.to(compute_dtype(x_ND))
     if x_ND.requires_grad and (x_ND.is_leaf or x_ND._base is not None):
         x_ND = x_ND.clone()   # backward writes dx over its input: never over the caller's tensor

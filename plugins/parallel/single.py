@@ -1,45 +1,94 @@
-"""``single``: one process, one device. The reference implementation of the engine interface that
-every other backend (DDP, DeepSpeed, FairScale, Megatron) implements too."""
+"""``single``: one process, one device; and ``LocalEngine``, the engine every builtin strategy uses.
+
+``LocalEngine`` owns what does not depend on how gradients travel: autocast, fp16 loss scaling,
+gradient accumulation, clipping on the global norm, skipping non-finite steps, and the checkpoint
+state keyed by parameter name. Strategies subclass it to synchronise gradients (DDP, FSDP) and to
+present sharded tensors to the checkpoint (expert parallelism).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from rapid import hookimpl
-from rapid.errors import UserError
-from rapid.types import Engine, MakeOptimizer, ParallelConfig, ParallelStrategy
+from rapid.moe import expert_modules
+from rapid.types import Batch, Engine, MakeOptimizer, ModelOutput, ParallelStrategy
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_AC_PREFIX = "_checkpoint_wrapped_module."
 
 
-class SingleEngine(Engine):
-    def __init__(self, model: nn.Module, optimizer, scheduler, precision: str, clip: float, device):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.precision, self.clip, self.device = precision, clip, device
+def canonical(name: str) -> str:
+    """A parameter's name without wrapper prefixes (activation checkpointing, DDP, compile)."""
+    name = name.replace(_AC_PREFIX, "")
+    return name.removeprefix("module.").replace("_orig_mod.", "")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each of ``model.blocks`` in backward (torch.utils.checkpoint, non-reentrant)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+class LocalEngine(Engine):
+    """Model + optimizer on this rank. ``module`` is what the forward runs through (the model, or a
+    wrapper of it); ``model`` is the unwrapped model (parameter names, checkpoints)."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer, scheduler, config, clip: float,
+                 device: torch.device):
+        self.inner, self.model = model, module
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.precision, self.grad_accum, self.clip, self.device = config.precision, config.grad_accum, clip, device
         # fp16 needs loss scaling; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+        self.expert_names = [canonical(n) for n, _ in expert_modules(model)]
+        self.names = {p: canonical(n) for n, p in model.named_parameters()}
+        self._micro = 0
 
+    # ---- one micro-batch
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def forward(self, batch: Batch) -> ModelOutput:
+        self.sync_gradients(self._micro == self.grad_accum - 1)
+        self._micro = (self._micro + 1) % self.grad_accum
+        with self.autocast():
+            return self.model(batch)
+
+    def sync_gradients(self, enabled: bool) -> None:
+        """Whether the coming backward synchronises gradients across ranks (only the last one of a
+        step's micro-batches needs to)."""
+
+    def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    # ---- the optimizer step
+    def reduce_gradients(self) -> None:
+        """Gradients a wrapper does not reduce itself (expert parallelism)."""
+
+    def grad_norm_squared(self, params: list) -> Tensor:
+        """Sum of squares of the whole model's gradient; here every gradient is whole and local."""
+        return torch.stack([p.grad.float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
 
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
+        self.reduce_gradients()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.clip if self.clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        params = [p for p in self.inner.parameters() if p.grad is not None]
+        grad_norm = float(self.grad_norm_squared(params).sqrt())
         skipped = not math.isfinite(grad_norm)   # the update is not applied, the schedule waits
+        if not skipped and self.clip > 0 and grad_norm > self.clip:
+            for p in params:
+                p.grad.mul_(self.clip / (grad_norm + 1e-6))
         stats = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         if self.scaler:
             stats["loss_scale"] = self.scaler.get_scale()
@@ -52,34 +101,71 @@ class SingleEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.scaler:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+    # ---- checkpoints
+    def global_view(self, name: str, tensor: Tensor) -> Tensor:
+        """How a (local) tensor of parameter ``name`` is presented to the checkpoint."""
+        return tensor
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        _init_optimizer_state(self.optimizer)
+        tensors = {}
+        for p, name in self.names.items():
+            tensors[f"model.{name}"] = self.global_view(name, p.detach())
+            for key, value in self.optimizer.state[p].items():
+                if isinstance(value, Tensor):
+                    view = value if value.dim() == 0 else self.global_view(name, value)
+                    tensors[f"optim.{name}.{key}"] = view
+        extra = {"lr": [g["lr"] for g in self.optimizer.param_groups],
+                 "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
+                 "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else None}
+        return tensors, extra
+
+    def load_extra_state(self, extra: dict) -> None:
+        for group, lr, initial in zip(self.optimizer.param_groups, extra["lr"], extra["initial_lr"]):
+            group["lr"], group["initial_lr"] = lr, initial
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+
+
+@torch.no_grad()
+def _init_optimizer_state(optimizer) -> None:
+    """Create the optimizer's lazily built state (one step on zero gradients at lr 0, the way
+    torch.distributed.checkpoint does it), so a checkpoint can be loaded into it in place."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if all(optimizer.state.get(p) for p in params):
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def dist_sum(t: Tensor, group=None) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return t
 
 
 class Single(ParallelStrategy):
-    @dataclass
-    class Config(ParallelConfig):
-        pass
+    """One process. fp32, bf16 and fp16 (with dynamic loss scaling), activation checkpointing."""
+    capabilities = frozenset({"fp32", "bf16", "fp16", "activation_checkpoint"})
 
-    capabilities = frozenset({"fp32", "bf16", "fp16"})
-
-    def check(self, recipe) -> None:
-        if self.config.precision not in self.capabilities:
-            raise UserError(f"parallel strategy 'single' does not support precision {self.config.precision!r}")
+    def parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if self.config.activation_checkpoint:
+            apply_activation_checkpointing(model)
+        return model
 
     def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer, clip: float) -> Engine:
         device = next(model.parameters()).device
         optimizer, scheduler = make_optimizer(model)
-        return SingleEngine(model, optimizer, scheduler, self.config.precision, clip, device)
+        return LocalEngine(model, model, optimizer, scheduler, self.config, clip, device)
 
 
 @hookimpl

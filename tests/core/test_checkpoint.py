@@ -1,38 +1,76 @@
-"""Checkpoints: atomic layout, verified on load, tied weights restored, no unrestricted pickle."""
+"""Checkpoints: atomic layout, verified on load, tied weights and optimizer state restored in place,
+no unrestricted pickle anywhere (DCP shards or metadata)."""
 
 import json
+import pickle
 
 import pytest
 import torch
+from torch import nn
 
 from rapid import checkpoint
+from rapid.builtin.parallel.single import Single
 from rapid.errors import UserError
+from rapid.recipe import OptimConfig, RunConfig
+from rapid.train import optimizer_factory
 
 
-def _save(tmp_path, step=5, keep=0):
-    w = torch.randn(4, 3)
-    model = {"emb.weight": w, "head.weight": w, "ln.bias": torch.zeros(3)}   # head tied to emb
-    state = {"engine": {"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1}]}},
-             "rng": {"torch": torch.get_rng_state()}, "data": {"position": 7}, "step": step}
-    return checkpoint.save(tmp_path / "ck", step, model, state, keep=keep), model, state
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.ln(self.emb(x)))
 
 
-def test_round_trip_with_tied_weights(tmp_path):
-    path, model, saved = _save(tmp_path)
+class _Recipe:
+    optim, run = OptimConfig(lr=0.1, min_lr=0.01, warmup=1), RunConfig(steps=10)
+
+
+def _engine(seed=0, steps=0):
+    torch.manual_seed(seed)
+    eng = Single(Single.Config()).wrap(Tied(), optimizer_factory(_Recipe()), clip=1.0)
+    for _ in range(steps):
+        eng.backward(eng.model(torch.arange(10)).pow(2).mean())
+        eng.step()
+    return eng
+
+
+def _save(tmp_path, step=5, keep=0, engine=None):
+    engine = engine or _engine(steps=2)
+    state = {"step": step, "data": {"samples": 7}}
+    return checkpoint.save(tmp_path / "ck", step, engine, state, keep=keep, recipe="[run]\n"), engine
+
+
+def test_round_trip_restores_model_optimizer_and_schedule(tmp_path):
+    path, saved = _save(tmp_path)
     assert path.name == "step_00000005" and (tmp_path / "ck" / "latest").read_text() == path.name
     assert not list((tmp_path / "ck").glob(".tmp*"))
-    step, loaded, state = checkpoint.load(path)
-    assert step == 5 and set(loaded) == set(model)
-    assert torch.equal(loaded["head.weight"], model["emb.weight"])
-    assert state["data"]["position"] == 7
-    assert torch.equal(state["rng"]["torch"], saved["rng"]["torch"])
-    assert torch.equal(state["engine"]["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
+    fresh = _engine(seed=1)
+    state = checkpoint.load(path, fresh)
+    assert state["step"] == 5 and state["data"] == {"samples": 7}
+    for a, b in zip(saved.model.parameters(), fresh.model.parameters()):
+        assert torch.equal(a, b)
+    assert fresh.model.head.weight is fresh.model.emb.weight                # still tied
+    for p_saved, p_fresh in zip(saved.model.parameters(), fresh.model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(saved.optimizer.state[p_saved][key], fresh.optimizer.state[p_fresh][key])
+    assert fresh.scheduler.state_dict() == saved.scheduler.state_dict()
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [g["lr"] for g in saved.optimizer.param_groups]
+    for e in (saved, fresh):                                               # and they continue alike
+        e.backward(e.model(torch.arange(10)).pow(2).mean())
+        e.step()
+    assert all(torch.equal(a, b) for a, b in zip(saved.model.parameters(), fresh.model.parameters()))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_damaged_checkpoint_is_refused(tmp_path, damage):
-    path, _, _ = _save(tmp_path)
-    target = path / "model.safetensors"
+    path, _ = _save(tmp_path)
+    target = path / "__0_0.distcp"
     data = target.read_bytes()
     if damage == "truncate":
         target.write_bytes(data[:-10])
@@ -41,62 +79,75 @@ def test_damaged_checkpoint_is_refused(tmp_path, damage):
     else:
         target.unlink()
     with pytest.raises(UserError, match="does not match its manifest"):
-        checkpoint.load(path)
+        checkpoint.load(path, _engine())
 
 
-def test_pickled_objects_are_refused(tmp_path):
-    """state.pt is loaded with weights_only=True: an object whose unpickling would run code is
-    refused (with a manifest that matches, so only the loader stands in the way)."""
-    path, _, _ = _save(tmp_path)
+def _rehash(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (path / name).stat().st_size, "sha256": checkpoint._sha256(path / name)}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("where", [".metadata", "__0_0.distcp"])
+def test_pickles_that_would_run_code_are_refused(tmp_path, where):
+    """The DCP metadata goes through an allow-listed unpickler, the shards through
+    torch.load(weights_only=True); the manifest matches, so only the loaders stand in the way."""
+    path, _ = _save(tmp_path)
     marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (marker.write_text, ("ran",))
 
-    torch.save({"evil": Evil()}, path / "state.pt")
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["state.pt"] = {"bytes": (path / "state.pt").stat().st_size,
-                                     "sha256": checkpoint._sha256(path / "state.pt")}
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match="cannot be loaded: UnpicklingError: Weights only load failed"):
-        checkpoint.load(path)
+    if where == ".metadata":
+        (path / where).write_bytes(pickle.dumps(Evil()))
+    else:
+        torch.save({"evil": Evil()}, path / where)
+    _rehash(path)
+    with pytest.raises(UserError, match="cannot be loaded"):
+        checkpoint.load(path, _engine())
     assert not marker.exists()
 
 
 def test_resume_takes_newest_verified_and_says_why_others_were_skipped(tmp_path):
-    path5, _, _ = _save(tmp_path, step=5)
-    (tmp_path / "ck" / ".tmp-step_00000010-123").mkdir()        # a save interrupted mid-way
+    path5, engine = _save(tmp_path, step=5)
+    (tmp_path / "ck" / ".tmp-step_00000010").mkdir()           # a save interrupted mid-way
     (tmp_path / "ck" / "step_00000009").mkdir()                 # no manifest
-    path8, _, _ = _save(tmp_path, step=8)
-    (path8 / "state.pt").write_bytes(b"garbage")                # damaged after the save
+    path8, _ = _save(tmp_path, step=8, engine=engine)
+    (path8 / "state.json").write_text("{}")                     # damaged after the save
     found, skipped = checkpoint.find_resumable(tmp_path / "ck")
     assert found == path5
     assert len(skipped) == 2
     assert "step_00000009 has no readable manifest.json" in skipped[0]
-    assert "step_00000008/state.pt does not match its manifest" in skipped[1]
+    assert "step_00000008/state.json does not match its manifest" in skipped[1]
     assert checkpoint.find_resumable(tmp_path / "nothing") == (None, [])
 
 
 def test_resave_same_step_replaces_atomically(tmp_path):
-    path, _, _ = _save(tmp_path, step=5)
-    again, model, _ = _save(tmp_path, step=5)
+    path, engine = _save(tmp_path, step=5)
+    engine.backward(engine.model(torch.arange(10)).pow(2).mean())
+    engine.step()
+    again, _ = _save(tmp_path, step=5, engine=engine)
     assert again == path and not list((tmp_path / "ck").glob(".*step*"))
-    _, loaded, _ = checkpoint.load(path)
-    assert torch.equal(loaded["emb.weight"], model["emb.weight"])
+    fresh = _engine(seed=3)
+    checkpoint.load(path, fresh)
+    assert torch.equal(fresh.model.emb.weight, engine.model.emb.weight)
 
 
 def test_keep_prunes_old(tmp_path):
+    engine = _engine()
     for step in (1, 2, 3):
-        _save(tmp_path, step=step, keep=2)
+        _save(tmp_path, step=step, keep=2, engine=engine)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
 def test_inspect_reports_step_layout_and_verification(tmp_path):
-    path, _, _ = _save(tmp_path, step=5)
+    path, _ = _save(tmp_path, step=5)
     info = checkpoint.inspect(tmp_path / "ck")
     assert info["step"] == 5 and info["verified"].startswith("ok") and info["path"] == str(path)
-    (path / "model.safetensors").write_bytes(b"x")
+    assert info["recipe"] == "[run]\n" and ".metadata" in info["files"]
+    (path / "__0_0.distcp").write_bytes(b"x")
     assert checkpoint.inspect(path)["verified"].startswith("FAILED")
     with pytest.raises(UserError, match="neither a checkpoint"):
         checkpoint.inspect(tmp_path)

@@ -19,10 +19,10 @@ from tests.e2e.test_train import _text_data
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
 
 # Runs `rapid run` in a fresh process; FAULT says where the process kills itself:
-#   step:N         after step N has been logged
-#   weights:N      in the checkpoint save of step N, after half of model.safetensors is written
-#   state:N        in the checkpoint save of step N, after state.pt is written (manifest missing)
-#   rename:N       after step N's checkpoint directory is renamed into place, before `latest` is updated
+#   step:N       after step N has been logged
+#   shards:N     in the checkpoint save of step N, with a torn (half-written) tensor shard
+#   manifest:N   in the checkpoint save of step N, every file written but the manifest
+#   rename:N     after step N's checkpoint directory is renamed into place, before `latest` is updated
 RUNNER = textwrap.dedent("""
     import os, signal, sys
     import torch
@@ -39,34 +39,30 @@ RUNNER = textwrap.dedent("""
             if kind == "step" and step == n:
                 die()
 
-    real_save_file, real_torch_save, real_write = checkpoint.save_file, checkpoint.torch.save, checkpoint._write_atomic
+    import torch.distributed.checkpoint as dcp
+    real_save, real_dcp_save, real_write = checkpoint.save, dcp.save, checkpoint._write_atomic
     saving = {"step": None}
-    real_save = checkpoint.save
     def save(root, step, *a, **kw):
         saving["step"] = step
         return real_save(root, step, *a, **kw)
-    def save_file(tensors, path, metadata=None):
-        real_save_file(tensors, path, metadata=metadata)
-        if kind == "weights" and saving["step"] == n:
-            data = open(path, "rb").read()
-            open(path, "wb").write(data[: len(data) // 2])
-            die()
-    def torch_save(obj, path):
-        real_torch_save(obj, path)
-        if kind == "state" and saving["step"] == n:
+    def dcp_save(state, storage_writer, **kw):
+        real_dcp_save(state, storage_writer=storage_writer, **kw)
+        if kind == "shards" and saving["step"] == n:
+            shard = os.path.join(storage_writer.fs.concat_path(storage_writer.path, "__0_0.distcp"))
+            data = open(shard, "rb").read()
+            open(shard, "wb").write(data[: len(data) // 2])
             die()
     def write_atomic(path, text):
-        if kind == "rename" and saving["step"] == n and path.name == "latest":
+        if saving["step"] == n and ((kind == "manifest" and path.name == "manifest.json")
+                                    or (kind == "rename" and path.name == "latest")):
             die()
         real_write(path, text)
-    checkpoint.save, checkpoint.save_file, checkpoint._write_atomic = save, save_file, write_atomic
-    checkpoint.torch.save = torch_save
+    checkpoint.save, dcp.save, checkpoint._write_atomic = save, dcp_save, write_atomic
 
-    from rapid.cli import main, _registry
     import rapid.cli
     from rapid.plugins import Registry, make_plugin_manager
     rapid.cli._registry = lambda ctx=None: Registry(make_plugin_manager(extra=[Killer()]))
-    main(sys.argv[1:])
+    rapid.cli.main(sys.argv[1:])
 """)
 
 
@@ -83,7 +79,7 @@ def _losses(run_dir):
 
 def _all_checkpoints_readable(run_dir):
     for path in (run_dir / "checkpoints").glob("step_*"):
-        checkpoint.load(path)          # raises if any complete-looking checkpoint is damaged
+        checkpoint.verify(path)        # raises if any complete-looking checkpoint is damaged
 
 
 def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
@@ -97,14 +93,13 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path):
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
-    faults = ["step:5", "weights:6", "state:9", "rename:9"]
+    faults = ["step:5", "shards:6", "manifest:9", "rename:9"]
     for i, fault in enumerate(faults):
         p = _run(recipe, out, *(["--resume"] if i else []), fault=fault)
         assert p.returncode == -signal.SIGKILL, (fault, p.stderr)
         _all_checkpoints_readable(out)
-    damaged = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("."))
-    assert damaged, "the interrupted saves left their temporary directories behind"
     p = _run(recipe, out, "--resume")
     assert p.returncode == 0, p.stderr
     assert "resuming from" in p.stderr and "step_00000009" in p.stderr
     assert _losses(out) == _losses(tmp_path / "full")       # bit for bit, every logged step and val loss
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]   # no leftovers

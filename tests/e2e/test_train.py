@@ -140,6 +140,8 @@ def test_validation_is_a_mean_over_tokens(tmp_path):
             return ModelOutput(logits_BSV=torch.zeros(*batch.tokens_BS.shape, 5))
 
     class Eng:
+        model = Fixed()
+
         def autocast(self):
             import contextlib
             return contextlib.nullcontext()
@@ -148,7 +150,7 @@ def test_validation_is_a_mean_over_tokens(tmp_path):
     loss_fn.terms = {"lm": (1.0, lambda out, b: b.targets_BS.float().mean())}   # a batch's "loss": its target
     big = Batch(torch.zeros(4, 3, dtype=torch.long), torch.full((4, 3), 1), torch.zeros(4, 3, dtype=torch.long))
     small = Batch(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), 6), torch.zeros(1, 3, dtype=torch.long))
-    assert evaluate(Fixed(), Eng(), loss_fn, [big, small], torch.device("cpu")) == pytest.approx((12 * 1 + 3 * 6) / 15)
+    assert evaluate(Eng(), loss_fn, [big, small], torch.device("cpu")) == pytest.approx((12 * 1 + 3 * 6) / 15)
 
 
 def test_resume_with_more_steps_keeps_the_schedule(tmp_path, capsys):

@@ -10,9 +10,9 @@ import torch
 
 from rapid.builtin.data.snownlp import SnowNLP, strip_tags
 from rapid.builtin.data.text import TextFiles
-from rapid.data import BatchIterator, PackedSequences, normalise, prepare_corpus, split_documents
+from rapid.batches import PackedSequences
+from rapid.builtin.data.corpus import Document, normalise, prepare_corpus, split_documents
 from rapid.errors import UserError
-from rapid.types import Document
 
 
 def test_strip_tags_and_nfkc():
@@ -52,7 +52,7 @@ def test_text_source_tokenizer_and_packing(tmp_path):
     assert len(corpus.train_domains) == len(corpus.train_tokens)
     again = prepare_corpus(src, vocab_size=300)            # from the cache
     assert np.array_equal(again.train_tokens, corpus.train_tokens)
-    sp = corpus.tokenizer()
+    sp = spm.SentencePieceProcessor(model_file=str(corpus.tokenizer_path))
     first_doc = corpus.train_tokens[: int(np.argmax(corpus.train_tokens == corpus.eod_id))]
     assert sp.decode(first_doc.tolist()).split()[0] in {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"}
 
@@ -69,29 +69,9 @@ def test_missing_paths():
         list(TextFiles(TextFiles.Config(paths=["/no/such"])).documents())
 
 
-def test_packing_and_resumable_iterator():
-    tokens = np.arange(1001, dtype=np.int32)
-    seqs = PackedSequences(tokens, np.zeros(1001, dtype=np.int16), 10, "train")
-    assert seqs.count == 100
-    b = seqs.batch(torch.tensor([3]))
-    assert b.tokens_BS.tolist() == [list(range(30, 40))] and b.targets_BS.tolist() == [list(range(31, 41))]
-    it = BatchIterator(seqs, 8, seed=1)
-    stream = [it.next().tokens_BS for _ in range(30)]      # crosses epoch boundaries (12 per epoch)
-    resumed = BatchIterator(seqs, 8, seed=1)
-    resumed.load_state_dict({"position": 17})
-    assert all(torch.equal(resumed.next().tokens_BS, s) for s in stream[17:])
-    seen = torch.cat([s[:, 0] for s in stream[:12]])
-    assert len(set(seen.tolist())) == 96                     # an epoch has no repeats
-
-
-def test_too_short_split():
-    with pytest.raises(UserError, match="fewer than seq_len"):
-        PackedSequences(np.arange(5, dtype=np.int32), np.zeros(5, dtype=np.int16), 10, "validation")
-
-
 def _docs_of(corpus, tokens):
     """The normalised texts of the documents in an encoded split."""
-    sp, ends = corpus.tokenizer(), np.flatnonzero(tokens == corpus.eod_id)
+    sp, ends = spm.SentencePieceProcessor(model_file=str(corpus.tokenizer_path)), np.flatnonzero(tokens == corpus.eod_id)
     return [normalise(sp.decode(d.tolist())) for d in np.split(tokens, ends + 1)[:-1]]
 
 

@@ -1,7 +1,8 @@
 """GPT-MoE: a pre-norm GPT decoder whose FFN is an MoE block every ``moe_every`` layers.
 
 Read top to bottom: Config -> Attention -> Block -> GPTMoE. Parallelization lives elsewhere
-(plugins/parallel); this file only defines the model.
+(plugins/parallel); this file only defines the model. It is built on the meta device, parallelized,
+materialised and then initialised by ``reset_parameters`` (see the ``rapid_register_models`` hook).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from torch import Tensor, nn
 from rapid import hookimpl
 from rapid.errors import UserError
 from rapid.kernels import Kernels
-from rapid.moe import MLP, MoE
-from rapid.types import Batch, DropPolicy, Fraction, ModelOutput, MoESpec, NonNegative, Positive, Router
+from rapid.moe import MLP, Experts, MoE
+from rapid.types import (Batch, DropPolicy, Fraction, ModelOutput, MoESpec, NonNegative, Positive, Router,
+                         Routing)
 
 
 @dataclass
@@ -95,18 +97,14 @@ class Block(nn.Module):
         self.mlp = None if moe is not None else MLP(cfg.hidden, cfg.ffn_mult * cfg.hidden, cfg.activation)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BSD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor, out: ModelOutput) -> Tensor:
+    def forward(self, x_BSD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor) -> tuple[Tensor, Routing | None]:
         x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
         h_BSD = self.ln2(x_BSD)
         if self.moe is None:
-            return x_BSD + self.drop(self.mlp(h_BSD))
+            return x_BSD + self.drop(self.mlp(h_BSD)), None
         B, S, D = h_BSD.shape
         y_TD, routing = self.moe(h_BSD.reshape(B * S, D), token_ids_T, domain_ids_T)
-        for name, value in routing.losses.items():
-            out.aux.setdefault(name, []).append(value)
-        for name, value in routing.stats.items():
-            out.stats.setdefault(name, []).append(value)
-        return x_BSD + self.drop(y_TD.view(B, S, D))
+        return x_BSD + self.drop(y_TD.view(B, S, D)), routing
 
 
 MakeRouter = Callable[[int, MoESpec], Router]
@@ -132,12 +130,16 @@ class GPTMoE(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every parameter and buffer (after materialisation: ``to_empty`` leaves them
+        uninitialised and unties shared weights, so the tie is made here). Experts draw from
+        generators seeded by their global id; other modules with a ``reset_parameters`` (layer norms,
+        routers) initialise themselves."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.cfg.layers)  # GPT-2: scale residual projections
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -145,8 +147,10 @@ class GPTMoE(nn.Module):
                 nn.init.normal_(module.weight, std=out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif hasattr(module, "w1_EDF"):
+            elif isinstance(module, Experts):
                 module.reset_parameters(std, out_std)
+            elif module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()             # LayerNorm, a router's own parameters or buffers
 
     def forward(self, batch: Batch) -> ModelOutput:
         tokens_BS = batch.tokens_BS
@@ -157,7 +161,12 @@ class GPTMoE(nn.Module):
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(torch.arange(S, device=tokens_BS.device))
         token_ids_T, domain_ids_T = tokens_BS.reshape(-1), batch.domain_ids_BS.reshape(-1)
         for block in self.blocks:
-            x_BSD = block(x_BSD, token_ids_T, domain_ids_T, out)
+            x_BSD, routing = block(x_BSD, token_ids_T, domain_ids_T)
+            if routing is not None:
+                for name, value in routing.losses.items():
+                    out.aux.setdefault(name, []).append(value)
+                for name, value in routing.stats.items():
+                    out.stats.setdefault(name, []).append(value)
         out.logits_BSV = self.head(self.ln_f(x_BSD))
         return out
 

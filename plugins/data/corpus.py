@@ -1,4 +1,5 @@
-"""Documents -> dedup + hash split -> sentencepiece BPE tokenizer -> packed token stream -> batches.
+"""``DocumentSource``: the base of data sources that yield documents. Documents -> dedup + hash split
+-> sentencepiece BPE tokenizer -> one token stream per split, with end-of-document tokens.
 
 Everything derived from a data source (tokenizer, encoded splits) is cached under
 ``$RAPID_CACHE`` (default ``~/.cache/rapid``) in one directory per key: the source's fingerprint, the
@@ -17,12 +18,14 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Annotated, Iterator
+
 import numpy as np
 import sentencepiece as spm
-import torch
+from pydantic import Field
 
 from rapid.errors import UserError
-from rapid.types import Batch, DataSource, Document
+from rapid.types import Corpus, DataSource, NonNegative
 
 CORPUS_FORMAT = 2  # 2: dedup + hash split, tokenizer stored with the arrays, user tokenizer keyed by sha256
 _ARRAYS = ("train_tokens", "train_domains", "val_tokens", "val_domains")
@@ -33,18 +36,34 @@ def cache_dir() -> Path:
 
 
 @dataclass
-class Corpus:
-    tokenizer_path: Path
-    eod_id: int
-    domains: list[str]
-    train_tokens: np.ndarray   # int32 stream, documents separated by eod
-    train_domains: np.ndarray  # int16 domain id of each token
-    val_tokens: np.ndarray
-    val_domains: np.ndarray
-    duplicates_dropped: int = 0  # exact copies left out of both splits
+class Document:
+    text: str
+    domain: str = "default"
 
-    def tokenizer(self) -> spm.SentencePieceProcessor:
-        return spm.SentencePieceProcessor(model_file=str(self.tokenizer_path))
+
+@dataclass
+class DataConfig:
+    """The ``[data]`` keys of every ``DocumentSource``; sources subclass it to add their own."""
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.02  # documents held out for validation
+    tokenizer: str = ""               # path to a sentencepiece model; "" trains one (cached)
+    character_coverage: Annotated[float, Field(gt=0, le=1)] = 0.9995  # rarer characters fall back to bytes
+    max_documents: NonNegative = 0    # 0 = all
+    dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
+
+
+class DocumentSource(DataSource):
+    """A data source that yields documents; ``corpus`` tokenizes them (cached)."""
+    Config = DataConfig
+
+    def documents(self) -> Iterator[Document]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever ``documents()`` would (used as a cache key)."""
+        raise NotImplementedError
+
+    def corpus(self, vocab_size: int) -> Corpus:
+        return prepare_corpus(self, vocab_size)
 
 
 def normalise(text: str) -> str:
@@ -127,7 +146,7 @@ def _load_cached(root: Path, tok_path: Path, vocab_size: int) -> Corpus:
     return Corpus(tok_path, eod, meta["domains"], **arrays, duplicates_dropped=meta["duplicates_dropped"])
 
 
-def prepare_corpus(source: DataSource, vocab_size: int) -> Corpus:
+def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
     """``source``'s documents deduplicated, split (see ``split_documents``) and encoded with the
     ``[data] tokenizer`` or one trained on the training split; from the cache when it has them. The
     tokenizer is checked against ``vocab_size`` on every call."""
@@ -172,53 +191,3 @@ def prepare_corpus(source: DataSource, vocab_size: int) -> Corpus:
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     return _load_cached(root, tok_path, vocab_size)
-
-
-class PackedSequences:
-    """Non-overlapping windows of ``seq_len + 1`` tokens over a document stream."""
-
-    def __init__(self, tokens: np.ndarray, domains: np.ndarray, seq_len: int, what: str):
-        self.tokens, self.domains, self.seq_len = torch.from_numpy(tokens.astype(np.int64)), \
-            torch.from_numpy(domains.astype(np.int64)), seq_len
-        self.count = (len(tokens) - 1) // seq_len
-        if self.count < 1:
-            raise UserError(f"{what} split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}",
-                            hint="lower [model] seq_len or [data] val_fraction, or add text")
-
-    def batch(self, indices: torch.Tensor) -> Batch:
-        offsets = indices[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
-        window = self.tokens[offsets]
-        return Batch(window[:, :-1], window[:, 1:], self.domains[offsets[:, :-1]])
-
-
-class BatchIterator:
-    """Seeded epoch-wise shuffles over packed sequences. ``position`` (micro-batches served) is the
-    whole state: restoring it continues the exact same stream."""
-
-    def __init__(self, seqs: PackedSequences, micro_batch: int, seed: int):
-        if seqs.count < micro_batch:
-            raise UserError(f"train split has {seqs.count} sequences, fewer than micro_batch={micro_batch}")
-        self.seqs, self.micro_batch, self.seed = seqs, micro_batch, seed
-        self.per_epoch = seqs.count // micro_batch
-        self.position = 0
-        self._epoch, self._perm = -1, None
-
-    def next(self) -> Batch:
-        epoch, i = divmod(self.position, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.seqs.count, generator=gen)
-        self.position += 1
-        return self.seqs.batch(self._perm[i * self.micro_batch:(i + 1) * self.micro_batch])
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-
-def val_batches(seqs: PackedSequences, micro_batch: int, count: int) -> list[Batch]:
-    """The first ``count`` micro-batches of the validation split (fewer if it is small)."""
-    idx = torch.arange(min(seqs.count, micro_batch * count))
-    return [seqs.batch(chunk) for chunk in idx.split(micro_batch)]
