@@ -147,25 +147,50 @@ def _hash_share(path: Path, names: list[str]) -> dict:
     return {k: v for part in _gather(mine) for k, v in part.items()}
 
 
+REQUIRED_FILES = (".metadata", "state.json", "recipe.toml")
+
+
+def _read_manifest(path: Path) -> dict:
+    """manifest.json, checked for shape: format, a step matching the directory, plain file names
+    (the required ones among them) with sizes and hashes."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} has no readable manifest.json ({type(exc).__name__}: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(f"checkpoint {path} has format {found}; this rapid reads {FORMAT}")
+    files = manifest.get("files")
+    ok = isinstance(files, dict) and all(
+        isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\\" not in n and isinstance(f, dict)
+        and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str) for n, f in files.items())
+    if not ok:
+        raise UserError(f"checkpoint {path}: manifest.json is malformed (files must map plain file names to "
+                        "their bytes and sha256)")
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise UserError(f"checkpoint {path}: manifest.json does not list {', '.join(missing)}")
+    if not isinstance(manifest.get("step"), int) or path.name != f"step_{manifest['step']:08d}":
+        raise UserError(f"checkpoint {path}: manifest.json says step {manifest.get('step')!r}")
+    return manifest
+
+
 def verify(path: Path) -> dict:
     """The manifest of ``path`` once every file it lists matches in size and sha256 (collective:
     the ranks share the hashing)."""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        files = manifest["files"]
-        ok = manifest.get("format") == FORMAT
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        manifest, files, ok = None, {}, f"{type(exc).__name__}: {exc}"
-    if ok is not True:   # every rank sees the same file, so every rank takes this branch
-        if manifest is None:
-            raise UserError(f"checkpoint {path} has no readable manifest.json ({ok})")
-        raise UserError(f"checkpoint {path} has format {manifest.get('format')}; this rapid reads {FORMAT}")
+    manifest = _read_manifest(path)     # every rank reads the same file: all raise or none
+    files = manifest["files"]
     present = [n for n in files if (path / n).is_file() and (path / n).stat().st_size == files[n]["bytes"]]
     actual = _hash_share(path, present)
     bad = [n for n in files if actual.get(n, {}).get("sha256") != files[n]["sha256"]]
     if bad:
         raise UserError(f"checkpoint file {path / bad[0]} does not match its manifest (truncated or modified)",
                         hint="resume from an earlier checkpoint or start a fresh run")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        assert isinstance(state["step"], int) and isinstance(state["data"], dict) and isinstance(state["engine"], dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise UserError(f"checkpoint {path}: state.json lacks step, data or engine state") from None
     return manifest
 
 

@@ -41,7 +41,7 @@ def run(ctx: typer.Context,
     """Train a recipe: writes DIR/recipe.toml, DIR/metrics.jsonl and DIR/checkpoints/."""
     from rapid import dist
     from rapid.recipe import load_recipe
-    from rapid.train import _check_fresh, preflight, train
+    from rapid.train import check_run_dir, preflight, train
 
     registry = _registry(ctx)
     r = load_recipe(recipe, set_ or [], registry)
@@ -51,10 +51,7 @@ def run(ctx: typer.Context,
             raise UserError("--nproc inside a process that a launcher already started",
                             hint="let torchrun / srun / the DeepSpeed launcher start the processes, without --nproc")
         preflight(r, registry, nproc)           # every check before any process starts
-        if resume and overwrite:
-            raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
-        if not resume:
-            _check_fresh(run_dir, overwrite)
+        check_run_dir(run_dir, r, resume, overwrite)
         argv = ["run", str(recipe), *(f"--set={s}" for s in set_ or []), "--out", str(run_dir),
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
                 "--progress" if progress else "--no-progress"]
@@ -133,7 +130,7 @@ def ckpt_inspect(path: Path = typer.Argument(..., metavar="PATH", help="a checkp
     info = checkpoint.inspect(path)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
-        return
+        raise typer.Exit(0 if info["verified"].startswith("ok") else 1)
     t = Table(title=f"checkpoint {info['path']}", show_header=False)
     for key in ("step", "verified", "layout", "files"):
         t.add_row(key, str(info[key]))
@@ -142,6 +139,8 @@ def ckpt_inspect(path: Path = typer.Argument(..., metavar="PATH", help="a checkp
     console.print(t)
     if info["recipe"]:
         console.print(info["recipe"], markup=False, highlight=False)
+    if not info["verified"].startswith("ok"):
+        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,14 +79,25 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
     return planned
 
 
+def meta_counts(recipe, registry) -> dict[str, int]:
+    """Parameter counts of the recipe's model, built on the meta device (nothing allocated)."""
+    from rapid.errors import UserError
+    from rapid.recipe import build_model
+    try:
+        with torch.device("meta"):
+            model = build_model(recipe, registry)
+    except (RuntimeError, OverflowError, MemoryError) as exc:   # sizes no tensor can have
+        raise UserError(f"{recipe.path}: the model cannot be built with these sizes: {str(exc).splitlines()[0]}",
+                        hint="check [model] vocab_size, seq_len, hidden, layers and experts") from None
+    return count_params(model, getattr(recipe.model, "top_k", 1))
+
+
 def make_plan(recipe, registry, world: int = 1, dp: int | None = None) -> Plan:
     """The plan of the recipe's strategy on ``world`` processes; ``dp`` sets the data-parallel size
     of the ZeRO table (default: ``world``)."""
     from rapid.recipe import build_model
 
-    with torch.device("meta"):
-        model = build_model(recipe, registry)
-    counts = count_params(model, getattr(recipe.model, "top_k", 1))
+    counts = meta_counts(recipe, registry)
     planned = layout_memory(recipe, registry, counts, recipe.names["parallel"], world)
     by_stage = {}
     for prec in ("fp32", "bf16"):
@@ -101,9 +112,7 @@ def suggest_layout(recipe, registry, budget: int) -> str | None:
     """The smallest multi-process layout of the builtin strategies whose plan fits ``budget`` bytes
     per device, as ``rapid run`` options; None if none up to 512 devices does."""
     from rapid.errors import UserError
-    with torch.device("meta"):
-        from rapid.recipe import build_model
-        counts = count_params(build_model(recipe, registry), getattr(recipe.model, "top_k", 1))
+    counts = meta_counts(recipe, registry)
     experts = recipe.model.experts_per_moe_layer() if hasattr(recipe.model, "experts_per_moe_layer") else [1]
     for world in (2**i for i in range(10)):
         for name in ("fsdp", "torch"):

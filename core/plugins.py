@@ -125,9 +125,14 @@ class Registry:
         if ":" in name:  # "pkg.module:Attr" for one-off experiments
             modname, _, attr = name.partition(":")
             try:
-                return getattr(importlib.import_module(modname), attr)
-            except (ImportError, AttributeError) as exc:
-                raise UserError(f"cannot import {kind} {name!r}: {exc}") from exc
+                obj = getattr(importlib.import_module(modname), attr)
+            except Exception as exc:
+                raise UserError(f"cannot import {kind} {name!r}: {type(exc).__name__}: {exc}") from None
+            if kind == "loss" and not callable(obj) or kind != "loss" and not (
+                    isinstance(obj, type) and hasattr(obj, "Config") and (kind != "model" or hasattr(obj, "forward"))):
+                raise UserError(f"{kind} {name!r} is not a {kind} plugin class (a class with a Config dataclass)",
+                                hint="see the hook specs in rapid.hookspecs")
+            return obj
         entries = self.entries(kind)
         if name not in entries:
             raise unknown_name(kind, name, entries)

@@ -4,7 +4,7 @@ Tables: [run] [model] [router] [parallel] [kernels] [loss] [data] [optim]; a rec
 [run] and [model]. A table that selects a plugin ([model] [router] [parallel] [data]) has a ``name``
 key; its other keys go to that plugin's ``Config`` dataclass. Each field's annotation is its whole
 declaration: type, range (``Annotated[int, Field(gt=0)]``) and choices (``Literal[...]``), checked by
-pydantic in strict mode (no coercion but int -> float). Cross-field rules live in the dataclass's
+pydantic in strict mode (no coercion but int -> float; floats must be finite). Cross-field rules live in the dataclass's
 ``__post_init__`` (raise ``ValueError``). Every error names the file, table and key, and says when the
 value came from ``--set``.
 """
@@ -32,7 +32,7 @@ from rapid.types import Fraction, NonNegative, Positive
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] = "run"   # runs/<name>
     seed: NonNegative = 1
     steps: Positive = 100
     log_every: Positive = 10
@@ -73,7 +73,7 @@ FIXED_TABLES = {"run": RunConfig, "optim": OptimConfig, "kernels": KernelsConfig
 TABLES = ("run", "model", "router", "parallel", "kernels", "loss", "data", "optim")
 REQUIRED_TABLES = ("run", "model")
 DEFAULT_LOSS = {"lm": 1.0, "load_balance": 0.01, "z_loss": 0.001}
-LossWeight = Annotated[float, Field(allow_inf_nan=False)]
+LossWeight = float
 
 
 @dataclass
@@ -134,7 +134,7 @@ def type_name(hint) -> str:
 
 @lru_cache(maxsize=None)
 def _adapter(hint) -> TypeAdapter:
-    return TypeAdapter(hint, config=ConfigDict(strict=True))
+    return TypeAdapter(hint, config=ConfigDict(strict=True, allow_inf_nan=False))
 
 
 def check_value(value: Any, hint, where: str) -> Any:
@@ -156,7 +156,8 @@ def check_value(value: Any, hint, where: str) -> Any:
         raise UserError(f"{where} is {value!r}; valid: {', '.join(str(a) for a in typing.get_args(hint))}")
     if err["type"].endswith("_type"):
         raise UserError(f"{where} must be {type_name(hint)}, got {type(value).__name__} {value!r}")
-    raise UserError(f"{where}{path} {err['msg'].replace('Input should', 'must')}, got {value!r}")
+    msg = err["msg"].replace("Input should", "must").replace("String should", "must")
+    raise UserError(f"{where}{path} {msg}, got {value!r}")
 
 
 def build_config(cls, table: dict, where: str, set_keys: dict[str, str], skip: tuple[str, ...] = ()):
@@ -175,8 +176,8 @@ def build_config(cls, table: dict, where: str, set_keys: dict[str, str], skip: t
     try:
         return cls(**kwargs)
     except (ValueError, UserError) as exc:   # cross-field rules in __post_init__
-        via = f" (--set {', '.join(set_keys.values())})" if set_keys else ""
-        raise UserError(f"{where}: {exc}{via}") from None
+        via = f"--set {', '.join(set_keys.values())}: " if set_keys else ""
+        raise UserError(f"{via}{where}: {exc}") from None
 
 
 # ---------------------------------------------------------------- files and overrides
@@ -196,8 +197,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 def _toml_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> UserError:
     """Name the line, and the key or table header on it, of a TOML syntax error."""
     m = re.search(r"at line (\d+), column (\d+)", str(exc))
-    if not m:
-        return UserError(f"{path}: invalid TOML: {exc}")
+    if not m:   # "at end of document"
+        return UserError(f"{path}:{len(text.splitlines())}: invalid TOML at the end of the file: {exc}")
     lineno = int(m.group(1))
     lines = text.splitlines()
     line = lines[lineno - 1].strip() if lineno <= len(lines) else ""
@@ -219,7 +220,7 @@ def read_recipe_file(path: Path) -> dict:
     except OSError as exc:
         raise UserError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
         if "\x00" in text:
             raise UnicodeDecodeError("utf-8", data, text.index("\x00"), text.index("\x00") + 1, "NUL byte")
     except UnicodeDecodeError as exc:

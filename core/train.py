@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import tomllib
@@ -100,6 +102,10 @@ def check_memory(recipe: Recipe, registry: Registry, device: torch.device, world
     return plan
 
 
+def _sha256(path: Path) -> str:
+    return checkpoint._sha256(Path(path))
+
+
 def _say(message: str) -> None:
     if rdist.is_main():
         print(f"rapid: {message}", file=sys.stderr, flush=True)
@@ -123,9 +129,9 @@ def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
                 table["run"].pop(key, None)
             for key in LAYOUT_KEYS:                # the layout may change: checkpoints reshard
                 table["parallel"].pop(key, None)
-        if old != new:
-            diff = sorted(f"[{t}] {k}" for t in new for k in set(new[t]) | set(old.get(t, {}))
-                          if new[t].get(k) != old.get(t, {}).get(k))
+        diff = sorted(f"[{t}] {k}" for t in new for k in set(new[t]) | set(old.get(t, {}))
+                      if k in old.get(t, {}) and new[t].get(k) != old[t][k])   # keys added since: defaults
+        if diff:
             raise UserError(f"--resume: recipe differs from {saved} in {', '.join(diff)}",
                             hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} and the [parallel] layout may change")
     return ckpt
@@ -134,19 +140,64 @@ def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
 LAYOUT_KEYS = ("name", "micro_batch", "expert_parallel", "activation_checkpoint")
 
 
-def _check_fresh(run_dir: Path, overwrite: bool) -> None:
-    """A new run never silently replaces another run's metrics and checkpoints."""
-    used = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "checkpoints") if p.exists()]
-    if used and not overwrite:
+def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Before anything runs: ``--out`` can be a run directory, and a fresh run never silently
+    replaces another run's files (``--overwrite`` moves them aside until the new run's first
+    checkpoint)."""
+    if resume and overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a directory")
+    parent = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {run_dir}: {parent} is not a writable directory")
+    if Path(recipe.path).resolve() == (run_dir / "recipe.toml").resolve():
+        raise UserError(f"--out {run_dir} would overwrite the recipe {recipe.path} with the resolved one",
+                        hint="use another --out, e.g. runs/<name>")
+    used = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "checkpoints", run_dir / "recipe.toml") if p.exists()]
+    if used and not resume and not overwrite:
         raise UserError(f"run directory {run_dir} already holds a run ({', '.join(used)})",
                         hint="--resume continues it, --out DIR starts elsewhere, --overwrite replaces it")
 
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop records past the checkpoint a resumed run restarts from (they will be logged again)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-        path.write_text("".join(line + "\n" for line in keep))
+def _open_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool, start: int) -> Path:
+    """Rank 0 starts writing: recipe.toml, metrics.jsonl (cut back to ``start`` on resume). With
+    ``--overwrite`` the previous run's files move to ``.replaced/``, deleted at the first checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if overwrite:
+        aside = run_dir / ".replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in ("metrics.jsonl", "checkpoints", "recipe.toml"):
+            if (run_dir / name).exists():
+                os.rename(run_dir / name, aside / name)
+    checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
+    keep = []
+    if resume and metrics.exists():   # drop records past the checkpoint (logged again) and torn lines
+        for line in metrics.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= start:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    checkpoint._write_atomic(metrics, "".join(line + "\n" for line in keep))
+    return metrics
+
+
+def _finite(model: nn.Module, device) -> bool:
+    """Every parameter of every rank is finite (checked before a checkpoint is written)."""
+    bad = torch.zeros((), device=device)
+    for p in model.parameters():
+        bad += (~torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach())).sum()
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return not bool(bad)
+
+
+def _jsonable(record: dict) -> dict:
+    """Strict JSON: a non-finite number is written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 @torch.no_grad()
@@ -201,13 +252,10 @@ def _corpus(recipe: Recipe, registry: Registry):
 def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
           registry: Registry | None = None, progress: bool = True) -> RunResult:
     registry = registry or Registry()
-    run_cfg, par = recipe.run, recipe.parallel
+    recipe = resolve(recipe.to_dict(), recipe.path, registry)   # validated again: Configs are plain dataclasses
     run_dir = Path(out_dir)
-    if resume and overwrite:
-        raise UserError("--resume continues a run and --overwrite replaces it: give one of them")
     strategy, device, loss_fn, plan = preflight(recipe, registry, rdist.env().world)
-    if not resume:
-        _check_fresh(run_dir, overwrite)
+    check_run_dir(run_dir, recipe, resume, overwrite)
     me = rdist.init(device.type)
     try:
         return _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, overwrite, progress)
@@ -245,7 +293,15 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
              f"(steps past {horizon} run at min_lr={recipe.optim.min_lr})")
     engine = strategy.wrap(model, optimizer_factory(recipe, horizon), recipe.optim.clip)
     start, skipped_total, skipped_run = 0, 0, 0
+    data_id = {"corpus": corpus.fingerprint, "tokenizer": _sha256(corpus.tokenizer_path)}
     if ckpt:
+        if state["step"] >= run_cfg.steps:
+            raise UserError(f"--resume: the run is already complete at step {state['step']} ([run] steps = "
+                            f"{run_cfg.steps})", hint="raise [run] steps to train further")
+        if state.get("data_id", data_id) != data_id:
+            raise UserError(f"--resume: the data or the tokenizer changed since {ckpt} was written "
+                            f"({state['data_id']} -> {data_id}); its token ids would mean other text",
+                            hint="restore the data files, or start a fresh run")
         _say(f"resuming from {ckpt}")
         state = checkpoint.load(ckpt, engine)
         start, skipped_total = int(state["step"]), int(state.get("skipped_steps", 0))
@@ -256,17 +312,7 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
                  "state were resharded; random streams (jitter, random drops) restart")
 
     # ---- from here on the run directory is written (by rank 0)
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            import shutil
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        checkpoint._write_atomic(run_dir / "recipe.toml", recipe.to_toml())
-        if resume:
-            _truncate_metrics(metrics_path, start)
-        else:
-            metrics_path.write_text("")
+    metrics_path = _open_run_dir(run_dir, recipe, resume, overwrite, start) if main else Path(os.devnull)
 
     tokens_per_step = par.micro_batch * par.grad_accum * seq_len * dp_size
     result = RunResult(run_dir, run_cfg.steps)
@@ -275,11 +321,11 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
     layout = {"strategy": recipe.names["parallel"], "world_size": rdist.env().world,
               "expert_parallel": par.expert_parallel}
     bar = _Progress(run_cfg.steps, start, enabled=progress and main)
-    with bar, (metrics_path.open("a") if main else open(__import__("os").devnull, "w")) as metrics_file:
+    with bar, metrics_path.open("a") as metrics_file:
 
         def emit(record: dict) -> None:
             if main:
-                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.write(json.dumps(_jsonable(record)) + "\n")
                 metrics_file.flush()
                 registry.step_end(record["step"], record)
 
@@ -309,8 +355,9 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
                     f"gradients (last loss {float(total.detach()):.4g}); nothing was saved after the last checkpoint",
                     hint="lower [optim] lr, use bf16 instead of fp16, or raise [run] max_skipped_steps; "
                          "--resume restarts from the last checkpoint")
+            save = (run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps
             record: dict = {}
-            if step % run_cfg.log_every == 0 or step == run_cfg.steps:
+            if step % run_cfg.log_every == 0 or step == run_cfg.steps or save:   # a resume starts a fresh window
                 n, names = window_steps, list(sums)
                 means = torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names])
                 if dist.is_initialized():          # averaged over data-parallel ranks
@@ -330,12 +377,18 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
                 record["val_loss"] = result.val_loss = evaluate(engine, loss_fn, val, device)
             if record:
                 emit(record)
-            if ((run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps) and not skipped_run:
+            if save:
+                if not _finite(model, device):
+                    raise UserError(f"training stopped at step {step}: parameters are no longer finite; nothing was "
+                                    "saved after the last checkpoint", hint="lower [optim] lr; --resume restarts "
+                                    "from the last checkpoint")
                 checkpoint.save(run_dir / "checkpoints", step, engine,
                                 {"format": checkpoint.FORMAT, "step": step, "schedule_steps": horizon,
-                                 "skipped_steps": skipped_total, "data": batches.state_dict()},
+                                 "skipped_steps": skipped_total, "data": batches.state_dict(), "data_id": data_id},
                                 keep=run_cfg.keep_checkpoints, recipe=recipe.to_toml(),
                                 meta={"layout": layout, "params": {k: getattr(plan, k) for k in PARAM_KEYS}})
+                if main and overwrite:
+                    shutil.rmtree(run_dir / ".replaced", ignore_errors=True)   # the new run has a checkpoint now
             bar.update(step, result.final.get("loss"), result.final.get("tokens_per_s"), result.val_loss)
     result.seconds = run_time
     result.tokens_per_s = (run_cfg.steps - start) * tokens_per_step / run_time if run_time else 0.0

@@ -226,6 +226,7 @@ class Corpus:
     val_tokens: np.ndarray
     val_domains: np.ndarray
     duplicates_dropped: int = 0  # exact copies left out of both splits
+    fingerprint: str = ""        # names the content (a resumed run refuses different data)
 
 
 class DataSource:

@@ -143,7 +143,8 @@ def _load_cached(root: Path, tok_path: Path, vocab_size: int) -> Corpus:
     meta = json.loads((root / "meta.json").read_text())
     _, eod = _load_tokenizer(tok_path, vocab_size)
     arrays = {n: np.load(root / f"{n}.npy", allow_pickle=False) for n in _ARRAYS}
-    return Corpus(tok_path, eod, meta["domains"], **arrays, duplicates_dropped=meta["duplicates_dropped"])
+    return Corpus(tok_path, eod, meta["domains"], **arrays, duplicates_dropped=meta["duplicates_dropped"],
+                  fingerprint=root.name)
 
 
 def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
@@ -156,7 +157,7 @@ def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
                           "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents, "dedup": cfg.dedup,
                           "tokenizer": user_tok and hashlib.sha256(user_tok.read_bytes()).hexdigest(),
                           "coverage": cfg.character_coverage}, sort_keys=True)
-    root = cache_dir() / "corpus" / hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    root = cache_dir() / "corpus" / hashlib.sha256(key_src.encode()).hexdigest()[:32]
     tok_path = user_tok or root / "tokenizer.model"
     if (root / "meta.json").exists():
         return _load_cached(root, tok_path, vocab_size)
@@ -166,6 +167,8 @@ def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
         docs = docs[: cfg.max_documents]
     train_docs, val_docs, dropped = split_documents(docs, cfg.val_fraction, cfg.dedup)
     domains = sorted({d.domain for d in train_docs + val_docs})
+    if len(domains) > np.iinfo(np.int16).max:
+        raise UserError(f"the [data] source has {len(domains)} domains; at most {np.iinfo(np.int16).max} are supported")
     dom_id = {d: i for i, d in enumerate(domains)}
     tmp_root = root.with_name(root.name + f".tmp{os.getpid()}")
     tmp_root.mkdir(parents=True, exist_ok=True)

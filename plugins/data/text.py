@@ -62,8 +62,10 @@ class TextFiles(DocumentSource):
                     text = obj[cfg.text_field]
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
                     raise UserError(f"{path}:{lineno}: not a JSON object with field {cfg.text_field!r} ({exc})") from None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: field {cfg.text_field!r} is {type(text).__name__}, not a string")
                 domain = str(obj.get(cfg.domain_field, path.stem)) if cfg.domain_field else path.stem
-                yield Document(str(text), domain)
+                yield Document(text, domain)
 
     def fingerprint(self) -> str:
         """Each file's resolved path (domains come from file names), length and content."""

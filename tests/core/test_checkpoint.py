@@ -124,11 +124,24 @@ def test_resume_takes_newest_verified_and_says_why_others_were_skipped(tmp_path)
     assert checkpoint.find_resumable(tmp_path / "nothing") == (None, [])
 
 
-def test_resave_same_step_replaces_atomically(tmp_path):
+def test_resave_same_step_never_deletes_the_old_copy_first(tmp_path, monkeypatch):
+    """Re-saving a step moves the old copy aside before the new one is renamed into place: a crash
+    between the two leaves the old copy on disk (it was deleted first before)."""
     path, engine = _save(tmp_path, step=5)
-    engine.backward(engine.model(torch.arange(10)).pow(2).mean())
-    engine.step()
-    again, _ = _save(tmp_path, step=5, engine=engine)
+    real_rename = checkpoint.os.rename
+
+    def crash_on_the_new_copy(src, dst):
+        if str(src).endswith(".tmp-step_00000005"):
+            raise OSError("crash")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", crash_on_the_new_copy)
+    with pytest.raises(OSError, match="crash"):
+        _save(tmp_path, step=5, engine=engine)
+    old = tmp_path / "ck" / ".old-step_00000005"
+    assert (old / "manifest.json").exists()
+    monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+    again, _ = _save(tmp_path, step=5, engine=engine)            # the next save cleans up
     assert again == path and not list((tmp_path / "ck").glob(".*step*"))
     fresh = _engine(seed=3)
     checkpoint.load(path, fresh)

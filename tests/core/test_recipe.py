@@ -80,7 +80,7 @@ def test_overrides_are_type_checked(tmp_path, builtin_registry):
     with pytest.raises(UserError, match=r"^--set run.steps=abc: " + str(path).replace(".", r"\.") +
                        r" \[run\] key 'steps' must be int"):
         load_recipe(path, ["run.steps=abc"], registry=builtin_registry)
-    with pytest.raises(UserError, match=r"model.heads=3\)$"):           # cross-field rule broken by --set
+    with pytest.raises(UserError, match=r"^--set model.heads=3: .*hidden=256 is not divisible"):  # cross-field rule
         load_recipe(path, ["model.heads=3"], registry=builtin_registry)
     with pytest.raises(UserError, match=r"^--set router.name=nope: .*unknown router 'nope'"):
         load_recipe(path, ["router.name=nope"], registry=builtin_registry)

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import tomli_w
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rapid.cli import main
@@ -41,6 +41,7 @@ def workspace(tmp_path_factory):
     (ws / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (ws / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (ws / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "no end\n')
+    (ws / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
     (ws / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (ws / "garbage.model").write_bytes(b"not a sentencepiece model")
     (ws / "adir").mkdir()
@@ -69,9 +70,20 @@ def _damage(run: Path, how: str) -> None:
         manifest = json.loads((ck / "manifest.json").read_text())
         manifest["files"]["__0_0.distcp"]["sha256"] = "0" * 64
         (ck / "manifest.json").write_text(json.dumps(manifest))
-    elif how == "shape":        # a checkpoint of another model, without a recipe to tell
-        (ck / "recipe.toml").unlink()
-        (run / "recipe.toml").unlink()
+    elif how in ("files", "unlisted", "path", "step"):
+        manifest = json.loads((ck / "manifest.json").read_text())
+        if how == "files":
+            manifest["files"] = [1]
+        elif how == "unlisted":
+            del manifest["files"][".metadata"]
+        elif how == "path":
+            manifest["files"]["../../recipe.toml"] = {"bytes": 1, "sha256": "0" * 64}
+        else:
+            manifest["step"] = 7
+        (ck / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "shape":        # tensors of another model under a recipe that claims this one
+        for recipe in (ck / "recipe.toml", run / "recipe.toml"):
+            recipe.write_text(recipe.read_text().replace("seq_len = 16", "seq_len = 32"))
         _rehash(ck)
     elif how == "pickle":
         class Evil:
@@ -116,7 +128,11 @@ CASES = [
     ("min_lr above lr", RUN + S("optim.lr=0.001", "optim.min_lr=0.01"), "min_lr=0.01 is larger than lr=0.001"),
     ("beta1 >= 1", RUN + S("optim.beta1=1.5"), "key 'beta1' must be less than 1"),
     ("zero eps", RUN + S("optim.eps=0"), "key 'eps' must be greater than 0"),
-    ("nan clip", RUN + S("optim.clip=nan"), "key 'clip' must be greater than or equal to 0"),
+    ("nan clip", RUN + S("optim.clip=nan"), "key 'clip' must be a finite number, got nan"),
+    ("infinite lr", RUN + S("optim.lr=inf"), "key 'lr' must be a finite number, got inf"),
+    ("infinite capacity", RUN + S("model.capacity_factor=inf"), "key 'capacity_factor' must be a finite number"),
+    ("run name with a path", RUN + S('run.name="../x"'), "key 'name' must match pattern"),
+    ("empty run name", RUN + S('run.name=""'), "key 'name' must match pattern"),
     # ---- recipes: model shapes
     ("heads not dividing hidden", RUN + S("model.heads=3"), "hidden=32 is not divisible by heads=3"),
     ("zero heads", RUN + S("model.heads=0"), "key 'heads' must be greater than 0, got 0"),
@@ -135,6 +151,9 @@ CASES = [
     ("activation", RUN + S("model.activation=swish"), "key 'activation' is 'swish'; valid: gelu, gelu_tanh, relu"),
     ("dropout 1.5", RUN + S("model.dropout=1.5"), "key 'dropout' must be less than 1"),
     ("unknown model", RUN + S("model.name=llama"), "unknown model 'llama'; valid: gpt_moe"),
+    ("import path not a plugin", RUN + S("model.name=os:getcwd"), "model 'os:getcwd' is not a model plugin class"),
+    ("empty import path", RUN + S("data.name=:"), "cannot import data ':'"),
+    ("huge vocabulary", RUN + S("model.vocab_size=4611686018427387904"), "cannot be built with these sizes"),
     # ---- recipes: plugins
     ("unknown router", RUN + S("router.name=nope"), "unknown router 'nope'; valid:"),
     ("router unknown key", RUN + S("router.margin=0.5"), "unknown key 'margin'; valid: gate_weights, jitter, name"),
@@ -168,6 +187,7 @@ CASES = [
     ("non-UTF-8 text", RUN + S('data.paths=["latin1.txt"]'), "latin1.txt: not UTF-8"),
     ("binary data", RUN + S('data.paths=["binary.txt"]'), "binary.txt: contains NUL bytes; it looks binary"),
     ("broken JSONL line", RUN + S('data.paths=["broken.jsonl"]'), "broken.jsonl:2: not a JSON object"),
+    ("JSONL text not a string", RUN + S('data.paths=["null.jsonl"]'), "null.jsonl:2: field 'text' is NoneType"),
     ("non-UTF-8 JSONL line", RUN + S('data.paths=["latin1.jsonl"]'), "latin1.jsonl:2: not UTF-8"),
     ("data path is a directory", RUN + S('data.paths=["adir"]'), "paths are directories, not files: adir"),
     ("data path missing", RUN + S('data.paths=["nope.txt"]'), "paths not found: nope.txt"),
@@ -184,9 +204,10 @@ CASES = [
     ("truncated checkpoint", ["run", R, "--out", "run", "--resume"], "does not match its manifest", "truncate"),
     ("flipped bytes", ["run", R, "--out", "run", "--resume"], "does not match its manifest", "flip"),
     ("manifest mismatch", ["run", R, "--out", "run", "--resume"], "does not match its manifest", "manifest"),
-    ("wrong model shape", ["run", R, "--out", "run", "--resume"] + S("model.seq_len=32"),
+    ("wrong model shape", ["run", R, "--out", "run", "--resume"] + S("model.seq_len=32", "run.steps=3"),
      "Size mismatch between saved torch.Size([16, 32]) and current: torch.Size([32, 32])", "shape"),
-    ("pickle carrying code", ["run", R, "--out", "run", "--resume"], "builtins.print is not allowed", "pickle"),
+    ("pickle carrying code", ["run", R, "--out", "run", "--resume"] + S("run.steps=3"), "builtins.print is not allowed",
+     "pickle"),
     ("changed recipe on resume", ["run", R, "--out", "run", "--resume"] + S("model.hidden=64"),
      "recipe differs from"),
     ("resume and overwrite", ["run", R, "--out", "run", "--resume", "--overwrite"], "give one of them"),
@@ -194,6 +215,16 @@ CASES = [
     ("inspect non-checkpoint", ["ckpt", "inspect", "adir"], "neither a checkpoint"),
     # ---- the run directory
     ("existing run without --resume", ["run", R, "--out", "run"], "already holds a run"),
+    ("--out is a file", ["run", R, "--out", "empty.txt"], "--out empty.txt is a file, not a directory"),
+    ("--out under a file", ["run", R, "--out", "empty.txt/x"], "empty.txt is not a writable directory"),
+    ("--out would overwrite the recipe", ["run", R, "--out", "."], "would overwrite the recipe recipe.toml"),
+    ("resume a finished run", ["run", R, "--out", "run", "--resume"], "already complete at step 2"),
+    ("resume with fewer steps", ["run", R, "--out", "run", "--resume"] + S("run.steps=1"),
+     "already complete at step 2 ([run] steps = 1)"),
+    ("manifest files not a table", ["run", R, "--out", "run", "--resume"], "manifest.json is malformed", "files"),
+    ("manifest without the metadata", ["run", R, "--out", "run", "--resume"], "does not list .metadata", "unlisted"),
+    ("manifest names a path", ["run", R, "--out", "run", "--resume"], "manifest.json is malformed", "path"),
+    ("manifest step mismatch", ["run", R, "--out", "run", "--resume"], "says step 7", "step"),
     # ---- CLI misuse: typer's usage message
     ("bare rapid", [], "Usage: rapid"),
     ("unknown command", ["nosuchcmd"], "No such command 'nosuchcmd'"),
@@ -258,6 +289,9 @@ def test_any_override_is_accepted_or_a_user_error(builtin_registry, tmp_path, te
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(table="model", key="hidden", value=1)            # a cross-field rule (hidden % heads)
+@example(table="optim", key="lr", value=7.25e-246)        # min_lr > lr
+@example(table="model", key="name", value=0)
 @given(table=st.sampled_from(["run", "model", "optim", "parallel", "router"]),
        key=st.sampled_from(["steps", "hidden", "lr", "micro_batch", "jitter", "seed", "dropless", "name"]),
        value=st.one_of(st.integers(-5, 5), st.floats(allow_nan=True), st.booleans(), st.text(max_size=5),

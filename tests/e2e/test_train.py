@@ -59,23 +59,40 @@ class StopAt:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_equals_uninterrupted(tmp_path, precision):
-    raw = tiny_raw(run={"steps": 12, "log_every": 1, "save_every": 5}, data=_text_data(tmp_path),
+    """log_every does not divide the checkpoint step: a save step is also logged, so the resumed run
+    starts its averaging window where the uninterrupted one does."""
+    raw = tiny_raw(run={"steps": 12, "log_every": 3, "save_every": 5}, data=_text_data(tmp_path),
                    model={"vocab_size": 300, "drop_policy": "random", "capacity_factor": 0.8},
                    router={"jitter": 0.05}, parallel={"precision": precision, "grad_accum": 2})
     full = train_raw(raw, tmp_path / "full", progress=False)
 
-    crash = StopAt(7)
+    crash = StopAt(9)
     pm = make_plugin_manager(autoload=False)
     pm.register(crash)
     with pytest.raises(StopAt.Crash):
         train_raw(raw, tmp_path / "resumed", registry=Registry(pm), progress=False)
-    assert max(r["step"] for r in _metrics(tmp_path / "resumed")) == 7           # logged past the checkpoint
+    assert max(r["step"] for r in _metrics(tmp_path / "resumed")) == 9           # logged past the checkpoint
     resumed = train_raw(raw, tmp_path / "resumed", resume=True, progress=False)   # continues from step 5
     a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
-    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in b] == [3, 5, 6, 9, 10, 12]
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], (ra["step"], ra["loss"], rb["loss"])
     assert full.val_loss == resumed.val_loss
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path):
+    from rapid.errors import UserError
+    raw = tiny_raw(run={"steps": 4, "save_every": 2}, data=_text_data(tmp_path), model={"vocab_size": 300})
+    train_raw(raw, tmp_path / "r", progress=False)
+    failing = tiny_raw(run={"steps": 4, "save_every": 2, "max_skipped_steps": 1}, data=_text_data(tmp_path),
+                       model={"vocab_size": 300}, loss={"lm": 1.0, "poison": 1.0})
+    pm = make_plugin_manager(autoload=False, extra=[Poison(after=0)])
+    with pytest.raises(UserError, match="training stopped at step 1"):
+        train_raw(failing, tmp_path / "r", registry=Registry(pm), overwrite=True, progress=False)
+    kept = tmp_path / "r" / ".replaced" / "checkpoints" / "step_00000004"
+    assert (kept / "manifest.json").exists() and (tmp_path / "r" / ".replaced" / "metrics.jsonl").exists()
+    train_raw(raw, tmp_path / "r", overwrite=True, progress=False)
+    assert not (tmp_path / "r" / ".replaced").exists() and (tmp_path / "r" / "checkpoints" / "step_00000004").exists()
 
 
 def test_resume_refuses_changed_model(tmp_path):
