@@ -39,13 +39,14 @@ def zero_memory(params: int, precision: str, stage: int, dp: int) -> dict[str, i
             "optimizer": params * o // (dp if stage >= 1 else 1)}
 
 
-def activation_bytes(cfg, micro_batch: int, precision: str) -> int:
-    """Rough activation memory of one micro-batch without recomputation (Korthikanti et al. 2022:
-    ~34*S*B*D bytes per layer in 16-bit, plus the attention scores), plus fp32 logits."""
+def activation_bytes(cfg, micro_batch: int, precision: str, checkpointing: bool = False) -> int:
+    """Rough activation memory of one micro-batch (Korthikanti et al. 2022: ~34*S*B*D bytes per
+    layer in 16-bit, plus the attention scores), plus fp32 logits. With activation checkpointing a
+    layer keeps only its fp32 input, and one layer at a time is recomputed in full."""
     s, b, d, h = cfg.seq_len, micro_batch, cfg.hidden, cfg.heads
-    per_layer = s * b * d * 34 + 5 * h * s * s * b
-    scale = 2 if precision == "fp32" else 1
-    return cfg.layers * per_layer * scale + 2 * 4 * b * s * cfg.vocab_size
+    per_layer = (s * b * d * 34 + 5 * h * s * s * b) * (2 if precision == "fp32" else 1)
+    layers = cfg.layers * 4 * s * b * d + per_layer if checkpointing else cfg.layers * per_layer
+    return layers + 2 * 4 * b * s * cfg.vocab_size
 
 
 @dataclass
@@ -74,7 +75,8 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
     strategy = cls(cls.Config(**{**shared, **switches}), world)
     strategy.check(recipe)
     planned = strategy.memory_plan(counts)
-    planned["activations"] = activation_bytes(recipe.model, strategy.config.micro_batch, strategy.config.precision)
+    planned["activations"] = activation_bytes(recipe.model, strategy.config.micro_batch, strategy.config.precision,
+                                              strategy.config.activation_checkpoint)
     planned["total"] = sum(planned.values())
     return planned
 
@@ -109,23 +111,27 @@ def make_plan(recipe, registry, world: int = 1, dp: int | None = None) -> Plan:
 
 
 def suggest_layout(recipe, registry, budget: int) -> str | None:
-    """The smallest multi-process layout of the builtin strategies whose plan fits ``budget`` bytes
-    per device, as ``rapid run`` options; None if none up to 512 devices does."""
+    """The smallest multi-process layout of the builtin strategies (with and without activation
+    checkpointing) whose plan fits ``budget`` bytes per device, as ``rapid run`` options; None if
+    none up to 512 devices does."""
     from rapid.errors import UserError
     counts = meta_counts(recipe, registry)
     experts = recipe.model.experts_per_moe_layer() if hasattr(recipe.model, "experts_per_moe_layer") else [1]
     for world in (2**i for i in range(10)):
         for name in ("fsdp", "torch"):
             for ep in sorted((d for d in range(1, world + 1) if world % d == 0), reverse=True):
-                if any(e % ep for e in experts) or name not in registry.entries("parallel"):
-                    continue
-                try:
-                    need = layout_memory(recipe, registry, counts, name, world, expert_parallel=ep)["total"]
-                except UserError:
-                    continue
-                if need <= budget:
-                    return (f"--nproc {world} --set parallel.name={name} --set parallel.expert_parallel={ep} "
-                            f"({fmt_bytes(need)} per device)")
+                for ac in (False, True):
+                    if any(e % ep for e in experts) or name not in registry.entries("parallel"):
+                        continue
+                    try:
+                        need = layout_memory(recipe, registry, counts, name, world, expert_parallel=ep,
+                                             activation_checkpoint=ac)["total"]
+                    except UserError:
+                        continue
+                    if need <= budget:
+                        return (f"--nproc {world} --set parallel.name={name} --set parallel.expert_parallel={ep}"
+                                + (" --set parallel.activation_checkpoint=true" if ac else "")
+                                + f" ({fmt_bytes(need)} per device)")
     return None
 
 

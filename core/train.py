@@ -92,7 +92,7 @@ def check_memory(recipe: Recipe, registry: Registry, device: torch.device, world
     plan = make_plan(recipe, registry, world)
     need, have = plan.memory_planned["total"], available_memory(device)
     if need > have:
-        fits = suggest_layout(recipe, registry, have if device.type == "cuda" else 80 * 1024**3)
+        fits = suggest_layout(recipe, registry, have if device.type == "cuda" else 80 * 10**9)
         raise UserError(
             f"this recipe needs about {fmt_bytes(need)} per device ({plan.params_total / 1e9:.2f}B parameters, "
             f"{plan.precision}, {recipe.names['parallel']} on {world} process(es)) but {device.type} has "
@@ -275,7 +275,7 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
     dp_rank, dp_size = strategy.data_parallel()
     train_seqs = PackedSequences(corpus.train_tokens, corpus.train_domains, seq_len, "train")
     val = val_batches(PackedSequences(corpus.val_tokens, corpus.val_domains, seq_len, "validation"),
-                      par.micro_batch, run_cfg.eval_batches, dp_rank, dp_size)
+                      par.micro_batch, run_cfg.eval_batches * par.grad_accum, dp_rank, dp_size)  # global batches
     batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed, par.grad_accum, dp_rank, dp_size)
 
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)

@@ -225,6 +225,17 @@ CASES = [
     ("manifest without the metadata", ["run", R, "--out", "run", "--resume"], "does not list .metadata", "unlisted"),
     ("manifest names a path", ["run", R, "--out", "run", "--resume"], "manifest.json is malformed", "path"),
     ("manifest step mismatch", ["run", R, "--out", "run", "--resume"], "says step 7", "step"),
+    # ---- layouts, refused before any process starts
+    ("EP not dividing the world", RUN + ["--nproc", "2"] + S("parallel.name=torch", "parallel.expert_parallel=3"),
+     "expert_parallel=3 does not divide the world size 2"),
+    ("EP not dividing the experts", RUN + ["--nproc", "4", "--allow-oversubscribe"]
+     + S("parallel.name=fsdp", "parallel.expert_parallel=4"), "does not divide the expert count of every MoE layer (2"),
+    ("--nproc above the CPU count", RUN + ["--nproc", "4096"] + S("parallel.name=torch"),
+     "--nproc 4096 is more than this machine's"),
+    ("single with two processes", RUN + ["--nproc", "2"], "parallel strategy 'Single' does not support 2 processes"),
+    ("EP with one process", RUN + S("parallel.name=torch", "parallel.expert_parallel=2"),
+     "expert_parallel=2 does not divide the world size 1"),
+    ("CUDA on a CPU machine", RUN + S("run.device=cuda"), "[run] device = 'cuda' but no CUDA device is available"),
     # ---- CLI misuse: typer's usage message
     ("bare rapid", [], "Usage: rapid"),
     ("unknown command", ["nosuchcmd"], "No such command 'nosuchcmd'"),
@@ -242,7 +253,9 @@ def test_the_matrix_is_large_enough():
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case, workspace, tmp_path, capsys, monkeypatch):
-    _, argv, needle, *damage = case
+    name, argv, needle, *damage = case
+    if name == "CUDA on a CPU machine" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
     ws = tmp_path / "ws"
     shutil.copytree(workspace, ws)
     if damage:
