@@ -274,29 +274,3 @@ def _reader_class():
 def SafeReader(path: Path):
     """torch.distributed.checkpoint's file reader with an allow-listed metadata unpickler."""
     return _reader_class()(str(path))
-
-
-def inspect(path: Path) -> dict:
-    """What ``rapid ckpt inspect`` shows. ``path`` is a checkpoint or a run directory (its newest
-    checkpoint); verification failure is reported, not raised."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    if not (path / "manifest.json").exists():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = sorted(root.glob("step_*"))
-        if not found:
-            raise UserError(f"{path} is neither a checkpoint (no manifest.json) nor a run directory with one")
-        path = found[-1]
-    try:
-        manifest, verified = verify(path), "ok: every file matches its sha256"
-    except UserError as exc:
-        manifest, verified = {}, f"FAILED: {exc}"
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except (OSError, ValueError):
-            pass
-    recipe = (path / "recipe.toml").read_text() if (path / "recipe.toml").exists() else ""
-    return {"path": str(path), "step": manifest.get("step"), "verified": verified,
-            "layout": manifest.get("layout", {}), "params": manifest.get("params", {}),
-            "files": {n: f["bytes"] for n, f in manifest.get("files", {}).items()}, "recipe": recipe}

@@ -32,7 +32,8 @@ def _registry(ctx: typer.Context | None = None):
 def run(ctx: typer.Context,
         recipe: Path = RecipeArg,
         set_: Optional[List[str]] = SetOpt,
-        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<run.name>, or the "
+                                           "first free runs/<run.name>-N for a new run)"),
         resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in --out"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --out"),
         nproc: int = typer.Option(1, "--nproc", min=1, help="start N local worker processes (torch's elastic launcher)"),
@@ -45,7 +46,7 @@ def run(ctx: typer.Context,
 
     registry = _registry(ctx)
     r = load_recipe(recipe, set_ or [], registry)
-    run_dir = out or Path("runs") / r.run.name
+    run_dir = out or _default_run_dir(r.run.name, resume)
     if nproc > 1:
         if dist.env().world > 1:
             raise UserError("--nproc inside a process that a launcher already started",
@@ -64,35 +65,16 @@ def run(ctx: typer.Context,
                       f"{val}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", soft_wrap=True)
 
 
-@app.command()
-def plan(ctx: typer.Context,
-         recipe: Path = RecipeArg,
-         set_: Optional[List[str]] = SetOpt,
-         nproc: int = typer.Option(1, "--nproc", min=1, help="plan for N processes (devices)"),
-         dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
-         as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Parameter counts (total, dense, active per token) and per-device memory estimates."""
-    from rapid.plan import fmt_bytes, fmt_count, make_plan
-    from rapid.recipe import load_recipe
-
-    registry = _registry(ctx)
-    p = make_plan(load_recipe(recipe, set_ or [], registry), registry, nproc, dp)
-    if as_json:
-        typer.echo(json.dumps(p.to_dict(), indent=2))
-        return
-    t = Table(title=f"{recipe}: parameters")
-    t.add_column("kind"), t.add_column("count", justify="right")
-    for key in ("params_total", "params_dense", "params_expert", "params_active"):
-        t.add_row(key, fmt_count(getattr(p, key)))
-    console.print(t)
-    m = Table(title=f"memory per device (planned: world size {p.world_size}; ZeRO rows: {p.zero_dp} data-parallel ranks)")
-    for col in ("layout", "params", "grads", "optimizer", "activations", "total"):
-        m.add_column(col, justify="right")
-    mp = p.memory_planned
-    m.add_row(f"planned ({p.precision})", *(fmt_bytes(mp[k]) for k in ("params", "grads", "optimizer", "activations", "total")))
-    for name, mem in p.memory_by_zero_stage.items():
-        m.add_row(name, fmt_bytes(mem["params"]), fmt_bytes(mem["grads"]), fmt_bytes(mem["optimizer"]), "", fmt_bytes(mem["total"]))
-    console.print(m)
+def _default_run_dir(name: str, resume: bool) -> Path:
+    """runs/<name>, or, when that holds a run and this is a fresh one, the first free runs/<name>-N."""
+    base = Path("runs") / name
+    if resume or not (base / "metrics.jsonl").exists() and not (base / "checkpoints").exists():
+        return base
+    n = 2
+    while (base.parent / f"{name}-{n}").exists():
+        n += 1
+    console.print(f"rapid: {base} holds a run; this one goes to {base.parent / f'{name}-{n}'}", soft_wrap=True)
+    return base.parent / f"{name}-{n}"
 
 
 @app.command()
@@ -115,32 +97,6 @@ def plugins(ctx: typer.Context,
     for row in rows:
         t.add_row(*row.values())
     console.print(t)
-
-
-ckpt_app = typer.Typer(no_args_is_help=True, help="Checkpoint tools.")
-app.add_typer(ckpt_app, name="ckpt")
-
-
-@ckpt_app.command("inspect")
-def ckpt_inspect(path: Path = typer.Argument(..., metavar="PATH", help="a checkpoint (step_*) or a run directory"),
-                 as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Layout, step, recipe, parameter counts and verification of a checkpoint."""
-    from rapid import checkpoint
-
-    info = checkpoint.inspect(path)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2))
-        raise typer.Exit(0 if info["verified"].startswith("ok") else 1)
-    t = Table(title=f"checkpoint {info['path']}", show_header=False)
-    for key in ("step", "verified", "layout", "files"):
-        t.add_row(key, str(info[key]))
-    for key, n in info["params"].items():
-        t.add_row(key, f"{n:,}")
-    console.print(t)
-    if info["recipe"]:
-        console.print(info["recipe"], markup=False, highlight=False)
-    if not info["verified"].startswith("ok"):
-        raise typer.Exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,9 +18,12 @@ def rapid_register_models():
     A model class is an ``nn.Module`` with a ``Config`` dataclass (the ``[model]`` table's keys
     other than ``name``) and the constructor ``cls(config, make_router, kernels)``:
     ``make_router(moe_index, moe_spec) -> Router`` builds the router of one MoE layer and
-    ``kernels`` is a ``rapid.kernels.Kernels``. ``forward(batch) -> ModelOutput``. Parameters that
-    belong to experts carry the attribute ``rapid_expert = True`` and stack the experts on their first
-    dimension (planning, expert parallelism and checkpoint tools rely on both).
+    ``kernels`` is a ``rapid.kernels.Kernels``. ``forward(batch) -> ModelOutput``. It is built on the
+    meta device, handed to the parallel strategy, materialised with ``to_empty`` and then
+    initialised by ``reset_parameters()``, which must set every parameter and buffer (and re-tie
+    shared weights). Its experts live in ``rapid.moe.Experts`` modules (every parameter of one is an
+    expert parameter, experts stacked on dim 0) behind a ``rapid.moe.Dispatcher``; its transformer
+    blocks are ``model.blocks`` (an ``nn.ModuleList``: activation checkpointing and FSDP wrap each).
     """
 
 
@@ -40,10 +43,12 @@ def rapid_register_routers():
 def rapid_register_parallel():
     """Return ``{name: ParallelStrategy subclass}`` (see ``rapid.types.ParallelStrategy``).
 
-    A strategy's ``Config`` extends ``rapid.types.ParallelConfig`` (micro_batch, grad_accum,
-    precision), declares ``capabilities`` and turns ``wrap(model, make_optimizer)`` into an
-    ``Engine`` with ``backward``, ``step``, ``state_dict`` and ``load_state_dict``. Backend
-    libraries are imported inside ``wrap``, never at module import time.
+    ``Strategy(config, world_size)`` gets its ``Config`` (extending ``rapid.types.ParallelConfig``)
+    and declares ``capabilities``; ``check(recipe)`` refuses impossible combinations before any
+    process starts; ``parallelize(model, device)`` shards and rewires the meta-device model (for
+    instance replacing each MoE layer's dispatcher); ``wrap(model, make_optimizer, clip)`` turns the
+    materialised model into an ``Engine`` (``forward``, ``backward``, ``step``, ``checkpoint_state``).
+    Backend libraries are imported inside these methods, never at module import time.
     """
 
 
@@ -77,6 +82,15 @@ def rapid_register_data_sources():
     ``corpus(vocab_size)`` returns a ``rapid.types.Corpus``: the tokenizer and one token stream per
     split. Sources of text subclass ``rapid.builtin.data.corpus.DocumentSource`` and yield
     ``Document(text, domain)`` from ``documents()``; it deduplicates, splits, tokenizes and caches.
+    """
+
+
+@hookspec
+def rapid_check_run(recipe, registry, world_size, device):
+    """Refuse a run before anything is written or any process starts: raise ``rapid.UserError``.
+
+    Called with the validated ``rapid.recipe.Recipe``, the ``Registry``, the number of processes
+    and this process's ``torch.device`` (the builtin planner stops runs that would not fit in memory).
     """
 
 

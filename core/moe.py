@@ -103,6 +103,15 @@ def expert_modules(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
 
 
+def count_params(model: nn.Module, top_k: int) -> dict[str, int]:
+    """params_total / _dense / _expert / _active (per token, with ``top_k`` experts)."""
+    experts = [p for _, m in expert_modules(model) for p in m.parameters()]
+    total = sum(p.numel() for p in model.parameters())   # parameters() yields tied weights once
+    expert = sum(p.numel() for p in experts)
+    active = total - expert + sum(p.numel() // p.shape[0] * top_k for p in experts)
+    return {"params_total": total, "params_dense": total - expert, "params_expert": expert, "params_active": active}
+
+
 def is_expert_param(name: str, expert_names: list[str]) -> bool:
     return any(name.startswith(prefix + ".") for prefix in expert_names)
 

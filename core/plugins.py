@@ -30,6 +30,8 @@ BUILTINS = (
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",
     "rapid.builtin.kernels.reference",
+    "rapid.builtin.plan",
+    "rapid.builtin.ckpt",
     "rapid.builtin.data.snownlp",
     "rapid.builtin.data.text",
 )
@@ -150,6 +152,9 @@ class Registry:
             out.append((getattr(impl.plugin, "KERNEL_BACKEND", plugin), plugin,
                         self.pm.distributions.get(plugin, "(registered in code)")))
         return out
+
+    def check_run(self, recipe, world_size: int, device) -> None:
+        self.pm.hook.rapid_check_run(recipe=recipe, registry=self, world_size=world_size, device=device)
 
     def step_end(self, step: int, metrics: dict) -> None:
         self.pm.hook.rapid_step_end(step=step, metrics=metrics)

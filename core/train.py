@@ -25,7 +25,7 @@ from rapid.batches import BatchIterator, PackedSequences, val_batches
 from rapid.cpu import keep_freed_memory
 from rapid.errors import UserError
 from rapid.kernels import Kernels
-from rapid.plan import PARAM_KEYS, available_memory, fmt_bytes, make_plan, suggest_layout
+from rapid.moe import count_params
 from rapid.plugins import Registry
 from rapid.recipe import Recipe, build_model, resolve
 from rapid.types import Batch, ModelOutput
@@ -85,21 +85,6 @@ class RunResult:
     val_loss: float | None = None
     tokens_per_s: float = 0.0                     # over the whole run, excluding eval and saving
     seconds: float = 0.0
-
-
-def check_memory(recipe: Recipe, registry: Registry, device: torch.device, world: int):
-    """The plan of this layout, or a UserError naming one that fits when this one does not."""
-    plan = make_plan(recipe, registry, world)
-    need, have = plan.memory_planned["total"], available_memory(device)
-    if need > have:
-        fits = suggest_layout(recipe, registry, have if device.type == "cuda" else 80 * 10**9)
-        raise UserError(
-            f"this recipe needs about {fmt_bytes(need)} per device ({plan.params_total / 1e9:.2f}B parameters, "
-            f"{plan.precision}, {recipe.names['parallel']} on {world} process(es)) but {device.type} has "
-            f"{fmt_bytes(have)} available; stopped before allocating",
-            hint=(f"a layout that fits {'this' if device.type == 'cuda' else 'an 80 GB'} device: {fits}; "
-                  if fits else "") + "`rapid plan RECIPE --nproc N --set parallel....` shows any layout")
-    return plan
 
 
 def _sha256(path: Path) -> str:
@@ -230,11 +215,11 @@ def preflight(recipe: Recipe, registry: Registry, world: int):
     strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel, world)
     strategy.check(recipe)
     device = strategy.device(recipe.run.device)
-    plan = check_memory(recipe, registry, device, world)
+    registry.check_run(recipe, world, device)       # the planner: stop before allocating what cannot fit
     kernels = Kernels(registry, recipe.kernels.backend)
     for dtype in {torch.float32, PRECISION_DTYPES[recipe.parallel.precision]}:
         kernels.check(device, dtype)
-    return strategy, device, LossFn(recipe, registry), plan
+    return strategy, device, LossFn(recipe, registry)
 
 
 def _corpus(recipe: Recipe, registry: Registry):
@@ -254,17 +239,17 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     registry = registry or Registry()
     recipe = resolve(recipe.to_dict(), recipe.path, registry)   # validated again: Configs are plain dataclasses
     run_dir = Path(out_dir)
-    strategy, device, loss_fn, plan = preflight(recipe, registry, rdist.env().world)
+    strategy, device, loss_fn = preflight(recipe, registry, rdist.env().world)
     check_run_dir(run_dir, recipe, resume, overwrite)
     me = rdist.init(device.type)
     try:
-        return _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, overwrite, progress)
+        return _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwrite, progress)
     finally:
         if me.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, overwrite, progress) -> RunResult:
+def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwrite, progress) -> RunResult:
     run_cfg, par = recipe.run, recipe.parallel
     main = rdist.is_main()
     if device.type == "cpu" and run_cfg.cpu_keep_freed_memory:
@@ -281,6 +266,7 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
     with torch.device("meta"):
         model = build_model(recipe, registry)
+    params = count_params(model, getattr(recipe.model, "top_k", 1))   # of the whole model, before sharding
     model = strategy.parallelize(model, device)
     model.to_empty(device=device)
     torch.manual_seed(run_cfg.seed)
@@ -386,7 +372,7 @@ def _train(recipe, registry, strategy, device, loss_fn, plan, run_dir, resume, o
                                 {"format": checkpoint.FORMAT, "step": step, "schedule_steps": horizon,
                                  "skipped_steps": skipped_total, "data": batches.state_dict(), "data_id": data_id},
                                 keep=run_cfg.keep_checkpoints, recipe=recipe.to_toml(),
-                                meta={"layout": layout, "params": {k: getattr(plan, k) for k in PARAM_KEYS}})
+                                meta={"layout": layout, "params": params})
                 if main and overwrite:
                     shutil.rmtree(run_dir / ".replaced", ignore_errors=True)   # the new run has a checkpoint now
             bar.update(step, result.final.get("loss"), result.final.get("tokens_per_s"), result.val_loss)

@@ -36,6 +36,15 @@ class DistributedEngine(LocalEngine):
         if self.ep:
             self.ep.reduce_expert_grads(self.expert_params)
 
+    def step(self) -> dict[str, float]:
+        stats = super().step()
+        if self.ep:   # payload this rank sent to others this step: forward all-to-alls and their backward
+            dispatchers = [m.dispatcher for m in self.inner.modules() if hasattr(m, "dispatcher")]
+            stats["all_to_all_bytes"] = 2 * sum(d.bytes_sent for d in dispatchers)
+            for d in dispatchers:
+                d.bytes_sent = 0
+        return stats
+
     def grad_norm_squared(self, params: list) -> Tensor:
         experts = set(self.expert_params)
         local, sharded, expert = [torch.zeros((), device=self.device) for _ in range(3)]

@@ -91,7 +91,7 @@ class AllToAllDispatcher(Dispatcher):
     def __init__(self, kernels, ep: ExpertParallel):
         super().__init__(kernels)
         self.ep = ep
-        self.bytes_sent = 0                              # all-to-all payload sent by this rank, both ways
+        self.bytes_sent = 0    # rows this rank sent to other ranks in forward all-to-alls (backward: as many)
 
     def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
@@ -105,7 +105,9 @@ class AllToAllDispatcher(Dispatcher):
         # received rows are grouped by (source rank, local expert): regroup by (local expert, source)
         block = torch.repeat_interleave(torch.arange(recv_RE.numel(), device=x_ND.device), recv_RE.reshape(-1))
         order = torch.argsort((block % experts.count) * ep + block // experts.count, stable=True)
-        self.bytes_sent += 2 * x_ND.shape[0] * x_ND.shape[1] * x_ND.element_size()
+        row = x_ND.shape[1] * x_ND.element_size()
+        me = self.ep.ep_rank
+        self.bytes_sent += (sum(splits[0]) - splits[0][me] + sum(splits[1]) - splits[1][me]) * row  # there and back
         return x_recv.index_select(0, order), recv_RE.sum(0), (perm, order, splits)
 
     def combine(self, y_ND: Tensor, ctx, weights_TK: Tensor) -> Tensor:

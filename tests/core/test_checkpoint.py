@@ -153,14 +153,3 @@ def test_keep_prunes_old(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step=step, keep=2, engine=engine)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
-
-
-def test_inspect_reports_step_layout_and_verification(tmp_path):
-    path, _ = _save(tmp_path, step=5)
-    info = checkpoint.inspect(tmp_path / "ck")
-    assert info["step"] == 5 and info["verified"].startswith("ok") and info["path"] == str(path)
-    assert info["recipe"] == "[run]\n" and ".metadata" in info["files"]
-    (path / "__0_0.distcp").write_bytes(b"x")
-    assert checkpoint.inspect(path)["verified"].startswith("FAILED")
-    with pytest.raises(UserError, match="neither a checkpoint"):
-        checkpoint.inspect(tmp_path)

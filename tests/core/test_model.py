@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from rapid.plan import count_params, make_plan
+from rapid.builtin.plan import make_plan
+from rapid.moe import count_params
 from rapid.recipe import load_recipe, resolve
-from rapid.train import build_model
+from rapid.recipe import build_model
 from rapid.types import Batch
 from tests.conftest import REPO, tiny_raw
 

@@ -108,7 +108,7 @@ def test_resume_refuses_changed_model(tmp_path):
 
 def test_memory_guard_stops_before_allocating(tmp_path, monkeypatch):
     from rapid.errors import UserError
-    monkeypatch.setattr("rapid.train.available_memory", lambda device: 1024)
+    monkeypatch.setattr("rapid.builtin.plan.available_memory", lambda device: 1024)
     with pytest.raises(UserError, match="needs about .* available; stopped before allocating"):
         train_raw(tiny_raw(), tmp_path / "r", progress=False)
 

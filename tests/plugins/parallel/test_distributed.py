@@ -139,3 +139,15 @@ def test_an_expert_without_tokens_keeps_ddp_in_step(runs, tmp_path):
                "--set", "router.name=tests.core.test_hooks:FixedRouter", "--set", "run.steps=3")
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["step"] for r in _metrics(tmp_path / "r")] == [1, 2, 3]
+
+
+def test_torchrun_started_workers_train_the_same(runs, tmp_path):
+    """`rapid run` under torchrun (what the DeepSpeed launcher and srun look like too: rank and world
+    from the environment) trains exactly as `--nproc 2` does."""
+    out = tmp_path / "r"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "rapid.cli", "run", str(runs / "r.toml"), "--out", str(out), "--no-progress",
+                        "--set", "parallel.name=torch"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(_metrics(out)) == strip(_metrics(runs / "torch"))

@@ -1,12 +1,20 @@
-"""``rapid plan``: parameter counts and a per-device memory estimate, computed on the meta device
-(nothing is allocated, so a 16B model plans in a second)."""
+"""The memory planner: ``rapid plan`` (parameter counts and per-device memory of a layout, computed
+on the meta device: nothing is allocated, so a 16B model plans in a second), and the check that stops
+``rapid run`` before allocating when the layout does not fit, naming one that would."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
 
 import torch
-from torch import nn
+import typer
+
+from rapid import hookimpl
+from rapid.errors import UserError
+from rapid.moe import count_params
 
 GiB = 1024**3
 
@@ -14,21 +22,6 @@ GiB = 1024**3
 #   fp32: fp32 weights and grads, fp32 m and v
 #   bf16/fp16 (DeepSpeed / Megatron mixed precision): 16-bit weights and grads, fp32 master + m + v
 BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
-
-
-PARAM_KEYS = ("params_total", "params_dense", "params_expert", "params_active")
-
-
-def count_params(model: nn.Module, top_k: int) -> dict[str, int]:
-    """Expert parameters are those of ``rapid.moe.Experts`` modules (experts stacked on dim 0)."""
-    from rapid.moe import expert_modules
-    experts = [p for _, m in expert_modules(model) for p in m.parameters()]
-    total = sum(p.numel() for p in model.parameters())   # parameters() yields tied weights once
-    expert = sum(p.numel() for p in experts)
-    active_expert = sum(p.numel() // p.shape[0] * top_k for p in experts)
-    dense = total - expert
-    return {"params_total": total, "params_dense": dense, "params_expert": expert,
-            "params_active": dense + active_expert}
 
 
 def zero_memory(params: int, precision: str, stage: int, dp: int) -> dict[str, int]:
@@ -83,7 +76,6 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
 
 def meta_counts(recipe, registry) -> dict[str, int]:
     """Parameter counts of the recipe's model, built on the meta device (nothing allocated)."""
-    from rapid.errors import UserError
     from rapid.recipe import build_model
     try:
         with torch.device("meta"):
@@ -151,3 +143,55 @@ def fmt_count(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return str(n)
+
+
+@hookimpl
+def rapid_check_run(recipe, registry, world_size, device):
+    """Stop before allocating when the layout's plan does not fit the device."""
+    plan = make_plan(recipe, registry, world_size)
+    need, have = plan.memory_planned["total"], available_memory(device)
+    if need > have:
+        fits = suggest_layout(recipe, registry, have if device.type == "cuda" else 80 * 10**9)
+        raise UserError(
+            f"this recipe needs about {fmt_bytes(need)} per device ({plan.params_total / 1e9:.2f}B parameters, "
+            f"{plan.precision}, {recipe.names['parallel']} on {world_size} process(es)) but {device.type} has "
+            f"{fmt_bytes(have)} available; stopped before allocating",
+            hint=(f"a layout that fits {'this' if device.type == 'cuda' else 'an 80 GB'} device: {fits}; "
+                  if fits else "") + "`rapid plan RECIPE --nproc N --set parallel....` shows any layout")
+
+
+@hookimpl
+def rapid_add_commands(app):
+    from rich.console import Console
+    from rich.table import Table
+
+    @app.command()
+    def plan(ctx: typer.Context,
+             recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe TOML file"),
+             set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe key: table.key=value"),
+             nproc: int = typer.Option(1, "--nproc", min=1, help="plan for N processes (devices)"),
+             dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON")):
+        """Parameter counts (total, dense, active per token) and per-device memory estimates."""
+        from rapid.recipe import load_recipe
+
+        registry = ctx.obj
+        p = make_plan(load_recipe(recipe, set_ or [], registry), registry, nproc, dp)
+        if as_json:
+            typer.echo(json.dumps(p.to_dict(), indent=2))
+            return
+        console = Console()
+        t = Table(title=f"{recipe}: parameters")
+        t.add_column("kind"), t.add_column("count", justify="right")
+        for key in ("params_total", "params_dense", "params_expert", "params_active"):
+            t.add_row(key, fmt_count(getattr(p, key)))
+        console.print(t)
+        m = Table(title=f"memory per device (planned: world size {p.world_size}; ZeRO rows: {p.zero_dp} "
+                        "data-parallel ranks)")
+        for col in ("layout", "params", "grads", "optimizer", "activations", "total"):
+            m.add_column(col, justify="right")
+        mp, cols = p.memory_planned, ("params", "grads", "optimizer", "activations", "total")
+        m.add_row(f"planned ({p.precision})", *(fmt_bytes(mp[k]) for k in cols))
+        for name, mem in p.memory_by_zero_stage.items():
+            m.add_row(name, *(fmt_bytes(mem[k]) if k in mem else "" for k in cols))
+        console.print(m)
