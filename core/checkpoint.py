@@ -210,15 +210,15 @@ def load(path: Path, engine) -> dict:
     """Verify ``path``, fill the engine's model and optimizer in place (resharding to this layout)
     and return the JSON state. RNG states are restored when the world size is unchanged."""
     import torch.distributed.checkpoint as dcp
-    verify(path)
+    manifest = verify(path)
     state = json.loads((path / "state.json").read_text())
     tensors, _ = engine.checkpoint_state()
     try:
         with _one_process_is_fine():
-            dcp.load(tensors, storage_reader=SafeReader(path), no_dist=not dist.is_initialized())
+            dcp.load(tensors, storage_reader=SafeReader(path, manifest["files"]), no_dist=not dist.is_initialized())
     except (Exception, dcp.api.CheckpointException) as exc:  # verified bytes that do not fit this model
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        why = next((ln for ln in lines if "size" in ln.lower() or "missing" in ln.lower()
+        why = next((ln for ln in lines if "size" in ln.lower() or "missing" in ln.lower() or "declares" in ln
                     or "WeightsUnpickler" in ln or "not allowed" in ln), lines[0])
         raise UserError(f"checkpoint {path} cannot be loaded into this model: {why[:300]}",
                         hint="resume with the recipe the checkpoint was written with") from None
@@ -257,12 +257,20 @@ class _Unpickler(pickle.Unpickler):
 
 def _reader_class():
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
     class Reader(dcp.FileSystemReader):
+        files: frozenset[str] = frozenset()
+
         def read_metadata(self, *args, **kwargs):
             with open(Path(self.path) / ".metadata", "rb") as fh:
                 metadata = _Unpickler(fh).load()
+            # rapid saves tensors only: DCP would torch.load a "bytes" entry with weights_only=False
+            bad = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+            files = {info.relative_path for info in metadata.storage_data.values()}
+            if bad or not files <= self.files:
+                raise pickle.UnpicklingError(f"the metadata declares non-tensor entries ({', '.join(bad[:3])}) or "
+                                             f"files outside the manifest ({', '.join(sorted(files - self.files))})")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -271,6 +279,9 @@ def _reader_class():
     return Reader
 
 
-def SafeReader(path: Path):
-    """torch.distributed.checkpoint's file reader with an allow-listed metadata unpickler."""
-    return _reader_class()(str(path))
+def SafeReader(path: Path, files):
+    """torch.distributed.checkpoint's file reader with an allow-listed metadata unpickler that
+    accepts tensor entries only, stored in ``files`` (the tensor shards the manifest verified)."""
+    reader = _reader_class()(str(path))
+    reader.files = frozenset(n for n in files if n.endswith(".distcp"))
+    return reader

@@ -38,7 +38,9 @@ def run(ctx: typer.Context,
         overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous run in --out"),
         nproc: int = typer.Option(1, "--nproc", min=1, help="start N local worker processes (torch's elastic launcher)"),
         oversubscribe: bool = typer.Option(False, "--allow-oversubscribe", help="allow --nproc above the CPU count"),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar")):
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
+        _local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True,
+                                                  help="set by the DeepSpeed launcher; LOCAL_RANK is read instead")):
     """Train a recipe: writes DIR/recipe.toml, DIR/metrics.jsonl and DIR/checkpoints/."""
     from rapid import dist
     from rapid.recipe import load_recipe
@@ -53,6 +55,9 @@ def run(ctx: typer.Context,
                             hint="let torchrun / srun / the DeepSpeed launcher start the processes, without --nproc")
         preflight(r, registry, nproc)           # every check before any process starts
         check_run_dir(run_dir, r, resume, overwrite)
+        if resume and not list((run_dir / "checkpoints").glob("step_*/manifest.json")):
+            raise UserError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}",
+                            hint="run without --resume to start fresh")
         argv = ["run", str(recipe), *(f"--set={s}" for s in set_ or []), "--out", str(run_dir),
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
                 "--progress" if progress else "--no-progress"]
@@ -100,7 +105,16 @@ def plugins(ctx: typer.Context,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Typer runs in standalone mode: usage errors print its usage message and exit 2."""
+    """Typer runs in standalone mode: usage errors print its usage message and exit 2. A worker
+    started by torch's elastic launcher records an unexpected error for the launcher to report."""
+    import os
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     try:
         registry = _registry()
         registry.add_commands(app)
@@ -114,7 +128,7 @@ def _fail(exc: UserError) -> None:
 
     from rapid.dist import env
     err, rank = Console(stderr=True), env().rank
-    err.print(f"{f'[rank {rank}] ' if rank else ''}[bold red]error:[/] {escape(str(exc))}", highlight=False,
+    err.print(f"{escape(f'[rank {rank}] ') if rank else ''}[bold red]error:[/] {escape(str(exc))}", highlight=False,
               soft_wrap=True)
     if exc.hint:
         err.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)

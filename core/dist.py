@@ -84,11 +84,18 @@ def launch(argv: list[str], nproc: int, allow_oversubscribe: bool = False) -> in
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "rapid.cli", *argv)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        def message(failure) -> str:
+            text = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+            return "" if text.startswith("To enable traceback") else (text.splitlines() or [""])[0]
+
+        # the cause, not a rank that only lost its peer: the earliest failure that is not a lost connection
+        failures = sorted(exc.failures.items(), key=lambda kv: kv[1].timestamp)
+        rank, failure = next(((r, f) for r, f in failures if not any(
+            s in message(f) for s in ("Connection closed by peer", "remote worker"))), failures[0])
         code = failure.exitcode
-        if code not in (2,):  # a UserError was already printed by the worker, as one line
-            message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-            print(f"error: worker {rank} failed (exit code {code}){': ' + message if message else ''}",
-                  file=sys.stderr)
+        if code != 2:  # 2: a UserError, already printed by the worker as one line
+            message = message(failure)
+            print(f"error: worker {rank} failed (exit code {code}){': ' + message if message else ''}; "
+                  "its output is above", file=sys.stderr)
         return code if code and code > 0 else 1
     return 0

@@ -246,6 +246,8 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
         return _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwrite, progress)
     finally:
         if me.world > 1 and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()           # tear gloo down together (one rank leaving early aborted the other)
             dist.destroy_process_group()
 
 
@@ -271,6 +273,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
     model.to_empty(device=device)
     torch.manual_seed(run_cfg.seed)
     model.reset_parameters()
+    torch.manual_seed(run_cfg.seed * 1_000_003 + rdist.env().rank)   # each rank its own training stream
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     # The LR schedule's horizon is part of the run: a resumed run keeps its checkpoint's.
     horizon = int(state.get("schedule_steps", run_cfg.steps))
@@ -293,7 +296,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
         start, skipped_total = int(state["step"]), int(state.get("skipped_steps", 0))
         batches.load_state_dict(state["data"])
         if state.get("world_size") != rdist.env().world:
-            torch.manual_seed(run_cfg.seed * 1_000_003 + start * 101 + rdist.env().rank)
+            torch.manual_seed(run_cfg.seed * 1_000_003 + start * 101 + rdist.env().rank)   # a fresh stream per rank
             _say(f"the checkpoint was written by {state.get('world_size')} process(es): parameters and optimizer "
                  "state were resharded; random streams (jitter, random drops) restart")
 

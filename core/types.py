@@ -189,8 +189,8 @@ class ParallelStrategy:
         from rapid.errors import UserError
         if requested == "cuda" and not torch.cuda.is_available():
             raise UserError("[run] device = 'cuda' but no CUDA device is available", hint='use device = "auto"')
-        if requested in ("auto", "cuda") and torch.cuda.is_available():
-            return torch.device("cuda", env().local_rank)
+        if requested in ("auto", "cuda") and torch.cuda.is_available():   # srun may bind one GPU per task
+            return torch.device("cuda", env().local_rank % torch.cuda.device_count())
         return torch.device("cpu")
 
     def data_parallel(self) -> tuple[int, int]:

@@ -31,18 +31,35 @@ class DistributedEngine(LocalEngine):
         self.ep = ep
         self.expert_params = [p for p, n in self.names.items() if ep and is_expert_param(n, self.expert_names)]
         self._experts = _expert_modules_by_name(self.inner)
+        self._checked, self.activation_checkpoint = False, self.config.activation_checkpoint
 
     def reduce_gradients(self) -> None:
         if self.ep:
             self.ep.reduce_expert_grads(self.expert_params)
 
-    def step(self) -> dict[str, float]:
-        stats = super().step()
-        if self.ep:   # payload this rank sent to others this step: forward all-to-alls and their backward
-            dispatchers = [m.dispatcher for m in self.inner.modules() if hasattr(m, "dispatcher")]
-            stats["all_to_all_bytes"] = 2 * sum(d.bytes_sent for d in dispatchers)
-            for d in dispatchers:
+    def forward(self, batch):
+        if self.ep and self._micro == 0:   # count a step's all-to-alls from its first micro-batch on
+            for d in self._dispatchers():
                 d.bytes_sent = 0
+        return super().forward(batch)
+
+    def _dispatchers(self):
+        return [m.dispatcher for m in self.inner.modules() if hasattr(m, "dispatcher")]
+
+    def step(self) -> dict[str, float]:
+        if not self._checked:   # DDP/FSDP need every parameter in the graph; say which are not
+            self._checked = True
+            idle = [n for p, n in self.names.items() if p.grad is None]
+            if idle:
+                from rapid.errors import UserError
+                raise UserError(f"parameters that get no gradient: {', '.join(idle[:4])}; every parameter must "
+                                "be in the graph under data parallelism",
+                                hint="e.g. a router gate with gate_weights = \"one\" and no router loss: add "
+                                     "load_balance or z_loss to [loss]")
+        stats = super().step()
+        if self.ep:   # payload sent to other ranks: forward all-to-alls and as much again in backward
+            counted = sum(d.bytes_sent for d in self._dispatchers())   # recomputation included
+            stats["all_to_all_bytes"] = int(counted * (1.5 if self.activation_checkpoint else 2))
         return stats
 
     def grad_norm_squared(self, params: list) -> Tensor:
@@ -118,7 +135,7 @@ class TorchDDP(ExpertParallelStrategy):
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
             module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                forward_sync_buffers=False, find_unused_parameters=False)
+                forward_sync_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
         optimizer, scheduler = make_optimizer(model)
         return DDPEngine(model, module, optimizer, scheduler, self.config, clip, device, ep=self.ep)
 

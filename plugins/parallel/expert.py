@@ -36,21 +36,13 @@ class ExpertParallel:
     """The process groups of one expert-parallel layout (every rank builds all of them)."""
 
     def __init__(self, ep: int, device_type: str):
+        from torch.distributed.device_mesh import DeviceMesh
         self.world, self.rank, self.ep = dist.get_world_size(), dist.get_rank(), ep
         self.replicas = self.world // ep
         self.ep_rank = self.rank % ep
-        grid = torch.arange(self.world).view(self.replicas, ep)
-        self.ep_group = self.replica_group = None
-        for row in grid.tolist():                        # every rank creates every group, in order
-            group = dist.new_group(row)
-            if self.rank in row:
-                self.ep_group = group
-        for col in grid.t().tolist():
-            group = dist.new_group(col)
-            if self.rank in col:
-                self.replica_group = group
-        from torch.distributed.device_mesh import DeviceMesh
+        grid = torch.arange(self.world).view(self.replicas, ep)   # every rank builds every group
         self.mesh = DeviceMesh(device_type, grid, mesh_dim_names=("expert_replicas", "ep"))
+        self.ep_group, self.replica_group = self.mesh.get_group("ep"), self.mesh.get_group("expert_replicas")
 
     def shard(self, model: nn.Module) -> None:
         """Keep this rank's experts in every MoE layer and route tokens to the others' (on meta)."""

@@ -44,7 +44,8 @@ class LocalEngine(Engine):
                  device: torch.device):
         self.inner, self.model = model, module
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.precision, self.grad_accum, self.clip, self.device = config.precision, config.grad_accum, clip, device
+        self.config, self.clip, self.device = config, clip, device
+        self.precision, self.grad_accum = config.precision, config.grad_accum
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
         self.expert_names = [canonical(n) for n, _ in expert_modules(model)]
@@ -92,7 +93,10 @@ class LocalEngine(Engine):
         stats = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         if self.scaler:
             stats["loss_scale"] = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)      # skips the update itself on inf/nan gradients
+            # GradScaler checks this rank's gradients only; every rank must skip (and back off) alike
+            for found_inf in self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+                found_inf.fill_(float(skipped))
+            self.scaler.step(self.optimizer)      # skips the update on inf/nan gradients
             self.scaler.update()
         elif not skipped:
             self.optimizer.step()
@@ -131,13 +135,13 @@ class LocalEngine(Engine):
 
 @torch.no_grad()
 def _init_optimizer_state(optimizer) -> None:
-    """Create the optimizer's lazily built state (one step on zero gradients at lr 0, the way
-    torch.distributed.checkpoint does it), so a checkpoint can be loaded into it in place."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if all(optimizer.state.get(p) for p in params):
+    """Create the optimizer's lazily built state where it is missing (one step on zero gradients at
+    lr 0, the way torch.distributed.checkpoint does it), so a checkpoint can be loaded in place."""
+    missing = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    if not missing:
         return
     lrs = [g["lr"] for g in optimizer.param_groups]
-    for p in params:
+    for p in missing:                  # only these step: the others' state (step counts) stays as it is
         p.grad = torch.zeros_like(p)
     for g in optimizer.param_groups:
         g["lr"] = 0.0

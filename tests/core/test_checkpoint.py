@@ -153,3 +153,30 @@ def test_keep_prunes_old(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step=step, keep=2, engine=engine)
     assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
+
+
+def test_metadata_declaring_bytes_entries_is_refused(tmp_path):
+    """DCP loads a "bytes" entry with torch.load(weights_only=False): a checkpoint whose metadata
+    declares one (stored in a file the manifest does not list) must be refused, not executed."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    path, _ = _save(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    torch.save(Evil(), path / "payload.bin")
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    key = "model.emb.weight"
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    for index in [i for i in metadata.storage_data if i.fqn == key]:
+        del metadata.storage_data[index]
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("payload.bin", 0, (path / "payload.bin").stat().st_size)
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rehash(path)
+    with pytest.raises(UserError, match="declares non-tensor entries"):
+        checkpoint.load(path, _engine())
+    assert not marker.exists()

@@ -14,6 +14,7 @@ one process with micro_batch 4 and two with micro_batch 2 see the same samples.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,3 +152,59 @@ def test_torchrun_started_workers_train_the_same(runs, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     assert strip(_metrics(out)) == strip(_metrics(runs / "torch"))
+
+
+# Injected through sitecustomize: FAULT=inf puts an inf into one of rank 1's expert gradients at
+# step 2 (an fp16 overflow that only that rank sees); FAULT=raise makes rank 1 raise at step 3. The
+# probe prints each rank's loss scale and how many parameters moved.
+PROBE = textwrap.dedent("""
+    import os
+    if os.environ.get("RAPID_TEST_FAULT"):
+        import torch
+        from rapid.builtin.parallel import ddp
+        real_step, calls = ddp.DistributedEngine.step, [0]
+
+        def step(self):
+            calls[0] += 1
+            rank = int(os.environ["RANK"])
+            if os.environ["RAPID_TEST_FAULT"] == "raise" and calls[0] == 3 and rank == 1:
+                raise RuntimeError("injected failure on rank 1")
+            if os.environ["RAPID_TEST_FAULT"] == "inf" and calls[0] == 2 and rank == 1:
+                next(p for p in self.expert_params if p.grad is not None).grad.view(-1)[0] = float("inf")
+            before = [p.detach().clone() for p in self.inner.parameters()]
+            stats = real_step(self)
+            moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, self.inner.parameters()))
+            scale = self.scaler.get_scale() if self.scaler else None
+            print(f"[probe] step {calls[0]} rank {rank} scale {scale} moved {moved}", flush=True)
+            return stats
+        ddp.DistributedEngine.step = step
+""")
+
+
+def _with_probe(tmp_path, fault):
+    site = tmp_path / "probe"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PROBE)
+    return {"RAPID_TEST_FAULT": fault, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(runs, tmp_path):
+    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["torch_ep2"], "--set", "run.steps=3",
+               "--set", "parallel.precision=fp16", env=_with_probe(tmp_path, "inf"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    probes = re.findall(r"\[probe\] step 2 rank (\d) scale (\S+) moved (\d+)", p.stdout + p.stderr)
+    assert sorted(probes) == [("0", "32768.0", "0"), ("1", "32768.0", "0")], probes   # both halved, neither moved
+
+
+def test_a_failing_worker_is_named(runs, tmp_path):
+    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["torch"],
+               env=_with_probe(tmp_path, "raise"))
+    assert p.returncode == 1
+    assert "error: worker 1 failed (exit code 1): RuntimeError: injected failure on rank 1" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_parameter_without_gradient_is_a_clear_error(runs, tmp_path):
+    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["torch"], "--set", "router.gate_weights=one",
+               "--set", "loss.z_loss=0.0")
+    assert p.returncode == 2
+    assert "parameters that get no gradient: blocks.0.moe.router.gate.weight" in p.stderr, p.stderr[-2000:]
