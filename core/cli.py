@@ -84,15 +84,25 @@ def _default_run_dir(name: str, resume: bool) -> Path:
 
 @app.command()
 def plugins(ctx: typer.Context,
-            as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Every registered name by kind, with the plugin and distribution that provide it."""
+            as_json: bool = typer.Option(False, "--json", help="print JSON"),
+            capabilities: bool = typer.Option(False, "--capabilities", help="print what each parallel strategy "
+                                              "supports, as a Markdown table")):
+    """Every registered name by kind (parallel presets included), with the plugin and distribution
+    that provide it."""
     from rapid.plugins import KINDS
 
     registry = _registry(ctx)
+    if capabilities:
+        typer.echo(registry.capability_table(), nl=False)
+        return
     rows = [{"kind": kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution}
             for kind in KINDS for e in registry.entries(kind).values()]
     rows += [{"kind": "kernel", "name": name, "plugin": plugin, "distribution": dist}
              for name, plugin, dist in registry.kernel_providers()]
+    parallel = registry.entries("parallel")
+    rows += [{"kind": "preset", "name": preset, "plugin": parallel[strategy].plugin,
+              "distribution": f"{strategy}: " + ", ".join(f"{k}={v}" for k, v in switches.items())}
+             for preset, (strategy, switches) in registry.presets().items()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

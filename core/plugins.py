@@ -140,6 +140,32 @@ class Registry:
             raise unknown_name(kind, name, entries)
         return entries[name].obj
 
+    def strategy(self, name: str, config, world_size: int = 1):
+        """The parallel strategy ``name`` built for ``world_size`` processes."""
+        strategy = self.get("parallel", name)(config, world_size)
+        strategy.name = name
+        return strategy
+
+    def presets(self) -> dict[str, tuple[str, dict]]:
+        """{preset: (strategy name, switches)} over every registered strategy."""
+        out: dict[str, tuple[str, dict]] = {}
+        for name, entry in self.entries("parallel").items():
+            for preset, switches in getattr(entry.obj, "presets", {}).items():
+                if preset in out:
+                    raise UserError(f"parallel preset {preset!r} is declared by both {out[preset][0]!r} and {name!r}")
+                out[preset] = (name, dict(switches))
+        return out
+
+    def capability_table(self) -> str:
+        """The Markdown table of what each registered strategy supports (the README embeds it)."""
+        from rapid.types import CAPABILITIES
+        rows = ["| strategy | " + " | ".join(CAPABILITIES) + " | needs |", "|---" * (len(CAPABILITIES) + 2) + "|"]
+        for name, entry in sorted(self.entries("parallel").items()):
+            caps, needs = entry.obj.capabilities, getattr(entry.obj, "requires", None)
+            rows.append(f"| `{name}` | " + " | ".join("yes" if c in caps else "-" for c in CAPABILITIES)
+                        + f" | {f'`rapidmoe[{needs[1]}]`' if needs else '-'} |")
+        return "\n".join(rows) + "\n"
+
     def kernel(self, op: str, device, dtype, backend: str):
         return self.pm.hook.rapid_kernel(op=op, device=device, dtype=dtype, backend=backend)
 

@@ -271,6 +271,7 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
         raise UserError(f"{via}{source} [kernels] backend {fixed['kernels'].backend!r} is not installed; "
                         f"valid: {', '.join(backends)}", hint="`rapid plugins` lists the kernel backends")
     names, plugin = {}, {}
+    raw = {**raw, "parallel": _expand_preset(raw.get("parallel", {}), source, registry, sets("parallel"))}
     for table, (kind, default) in PLUGIN_TABLES.items():
         section = raw.get(table, {})
         where = f"{source} [{table}]"
@@ -293,6 +294,23 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
         raise UserError(f"{source} [loss]: the lm term needs a positive weight", hint="add lm = 1.0 to [loss]")
     return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin)
 
+
+
+def _expand_preset(section: dict, source: str, registry, set_keys: dict) -> dict:
+    """``[parallel] preset = "..."``: the preset's strategy and switches, then the table's own keys."""
+    if "preset" not in section:
+        return section
+    via = f"--set {set_keys['preset']}: " if "preset" in set_keys else ""
+    name = check_value(section["preset"], str, f"{via}{source} [parallel] key 'preset'")
+    presets = registry.presets()
+    if name not in presets:
+        raise UserError(f"{via}{source} [parallel]: unknown preset {name!r}; valid: {', '.join(sorted(presets)) or '(none)'}",
+                        hint="`rapid plugins` lists the presets")
+    strategy, switches = presets[name]
+    rest = {k: v for k, v in section.items() if k != "preset"}
+    if rest.get("name", strategy) != strategy:
+        raise UserError(f"{source} [parallel]: preset {name!r} is for strategy {strategy!r}, not {rest['name']!r}")
+    return {"name": strategy, **switches, **rest}
 
 
 def build_model(recipe: Recipe, registry):

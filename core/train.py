@@ -212,7 +212,7 @@ def preflight(recipe: Recipe, registry: Registry, world: int):
     written or launched: the strategy against the recipe and the world size, the device, the memory
     plan (which builds the model on the meta device, so model and router options are checked), the
     loss terms and a kernel for every op."""
-    strategy = registry.get("parallel", recipe.names["parallel"])(recipe.parallel, world)
+    strategy = registry.strategy(recipe.names["parallel"], recipe.parallel, world)
     strategy.check(recipe)
     device = strategy.device(recipe.run.device)
     registry.check_run(recipe, world, device)       # the planner: stop before allocating what cannot fit

@@ -115,12 +115,17 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 @dataclass
 class ParallelConfig:
-    """Keys every ``[parallel]`` table has; strategies subclass it to add their switches."""
+    """The acceleration switches every ``[parallel]`` table has (Rapidformer-style: one recipe, the
+    switches pick how it is trained); strategies subclass it to add their own keys. A strategy
+    refuses (before launch) a switch its ``capabilities`` do not list."""
     micro_batch: Positive = 8
     grad_accum: Positive = 1
     precision: Precision = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0   # ZeRO: 1 shards optimizer states, 2 + gradients, 3 + parameters
+    offload: bool = False                 # optimizer states (and their update) in host memory
+    tensor_parallel: Positive = 1         # ranks that split each attention / dense MLP (Megatron-style)
     expert_parallel: Positive = 1         # ranks that share one copy of the experts (E / ep each)
-    activation_checkpoint: bool = False   # recompute each block in backward (non-reentrant)
+    activation_checkpoint: bool = False   # recompute each block in backward
 
 
 class Engine:
@@ -161,27 +166,44 @@ class Engine:
 MakeOptimizer = Callable[[nn.Module], "tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]"]
 
 
+CAPABILITIES = ("fp32", "bf16", "fp16", "multiprocess", "zero1", "zero2", "zero3", "offload", "tensor_parallel",
+                "expert_parallel", "activation_checkpoint")
+
+
 class ParallelStrategy:
-    """How a model is spread over processes. Capabilities are checked before any process starts:
-    ``multiprocess``, ``expert_parallel``, ``activation_checkpoint`` and the precisions."""
+    """How a model is spread over processes. ``capabilities`` (names from ``CAPABILITIES``) are
+    checked against the switches before any process starts; ``presets`` name switch sets
+    (``[parallel] preset = "..."``) that explicit keys override; ``requires`` names the library and
+    the extra that installs it."""
     Config: ClassVar[type] = ParallelConfig
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    presets: ClassVar[dict[str, dict]] = {}
+    requires: ClassVar[tuple[str, str] | None] = None   # (import name, pip extra)
+    name: str = ""                                       # the registered name (set by the registry)
 
     def __init__(self, config, world_size: int = 1):
         self.config, self.world_size = config, world_size
+        self.name = self.name or type(self).__name__
 
     def check(self, recipe) -> None:
         """Refuse impossible combinations before anything is built or launched (raise UserError)."""
+        import importlib.util
         from rapid.errors import UserError
-        name, c = type(self).__name__, self.config
+        name, c = self.name, self.config
+        if self.requires and importlib.util.find_spec(self.requires[0]) is None:
+            raise UserError(f"parallel strategy {name!r} needs {self.requires[0]}, which is not installed",
+                            hint=f"pip install 'rapidmoe[{self.requires[1]}]'")
         wants = [(c.precision, f"precision {c.precision!r}"),
                  ("multiprocess" if self.world_size > 1 else None, f"{self.world_size} processes"),
+                 (f"zero{c.zero_stage}" if c.zero_stage else None, f"zero_stage={c.zero_stage}"),
+                 ("offload" if c.offload else None, "offload"),
+                 ("tensor_parallel" if c.tensor_parallel > 1 else None, f"tensor_parallel={c.tensor_parallel}"),
                  ("expert_parallel" if c.expert_parallel > 1 else None, f"expert_parallel={c.expert_parallel}"),
                  ("activation_checkpoint" if c.activation_checkpoint else None, "activation_checkpoint")]
         for capability, what in wants:
             if capability and capability not in self.capabilities:
                 raise UserError(f"parallel strategy {name!r} does not support {what}",
-                                hint="`rapid plugins` lists the strategies; torch and fsdp run several processes")
+                                hint="`rapid plugins --capabilities` shows what each strategy supports")
 
     def device(self, requested: str = "auto") -> torch.device:
         """The device this process trains on, from ``[run] device`` (a GPU per local rank)."""

@@ -65,7 +65,7 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
     cls = registry.get("parallel", name)
     keys = {f.name for f in dataclasses.fields(cls.Config)}
     shared = {k: v for k, v in dataclasses.asdict(recipe.parallel).items() if k in keys}
-    strategy = cls(cls.Config(**{**shared, **switches}), world)
+    strategy = registry.strategy(name, cls.Config(**{**shared, **switches}), world)
     strategy.check(recipe)
     planned = strategy.memory_plan(counts)
     planned["activations"] = activation_bytes(recipe.model, strategy.config.micro_batch, strategy.config.precision,

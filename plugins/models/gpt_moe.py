@@ -74,18 +74,22 @@ class Config:
 
 
 class Attention(nn.Module):
+    """Causal self-attention. The fused projection's output is laid out head by head ([H, 3, d]),
+    so a tensor-parallel split of it into contiguous chunks gives each rank whole heads; ``heads`` is
+    the number of heads this module computes (H / tensor_parallel under tensor parallelism)."""
+
     def __init__(self, cfg: Config):
         super().__init__()
-        self.heads, self.dropout = cfg.heads, cfg.dropout
+        self.heads, self.head_dim, self.dropout = cfg.heads, cfg.hidden // cfg.heads, cfg.dropout
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.heads, D // self.heads).transpose(1, 3).unbind(2)
+        B, S, _ = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, self.heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         y_BHSd = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                 dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, D))
+        return self.proj(y_BHSd.transpose(1, 2).reshape(B, S, self.heads * self.head_dim))
 
 
 class Block(nn.Module):

@@ -232,7 +232,7 @@ CASES = [
      + S("parallel.name=fsdp", "parallel.expert_parallel=4"), "does not divide the expert count of every MoE layer (2"),
     ("--nproc above the CPU count", RUN + ["--nproc", "4096"] + S("parallel.name=torch"),
      "--nproc 4096 is more than this machine's"),
-    ("single with two processes", RUN + ["--nproc", "2"], "parallel strategy 'Single' does not support 2 processes"),
+    ("single with two processes", RUN + ["--nproc", "2"], "parallel strategy 'single' does not support 2 processes"),
     ("EP with one process", RUN + S("parallel.name=torch", "parallel.expert_parallel=2"),
      "expert_parallel=2 does not divide the world size 1"),
     ("CUDA on a CPU machine", RUN + S("run.device=cuda"), "[run] device = 'cuda' but no CUDA device is available"),
