@@ -156,6 +156,10 @@ class MoE(nn.Module):
         self.residual_mlp = MLP(spec.hidden, ffn, activation) if residual else None
         self.residual_coef = nn.Linear(spec.hidden, 2) if residual else None
 
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
     def forward(self, x_TD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor) -> tuple[Tensor, Routing]:
         routing = self.router(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T)
         x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, self.experts)

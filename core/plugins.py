@@ -29,6 +29,8 @@ BUILTINS = (
     "rapid.builtin.parallel.single",
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",
+    "rapid.builtin.parallel.deepspeed",
+    "rapid.builtin.parallel.local",
     "rapid.builtin.kernels.reference",
     "rapid.builtin.plan",
     "rapid.builtin.ckpt",

@@ -50,11 +50,12 @@ def optimizer_factory(recipe: Recipe, horizon: int | None = None):
     run keeps its checkpoint's horizon)."""
     o, total = recipe.optim, horizon or recipe.run.steps
 
-    def make(model: nn.Module):
+    def make(model: nn.Module, regroup=None):
+        """``regroup(groups) -> groups`` lets a backend split the parameter groups (DeepSpeed's MoE groups)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        groups = [{"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(regroup(groups) if regroup else groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, o.warmup, total, o.min_lr / o.lr))
         return opt, sched
 
@@ -112,17 +113,13 @@ def _resume_checkpoint(run_dir: Path, recipe: Recipe) -> Path:
         for table in (old, new):
             for key in RESUMABLE_RUN_KEYS:
                 table["run"].pop(key, None)
-            for key in LAYOUT_KEYS:                # the layout may change: checkpoints reshard
-                table["parallel"].pop(key, None)
+            table.pop("parallel", None)            # the layout and the backend may change: checkpoints reshard
         diff = sorted(f"[{t}] {k}" for t in new for k in set(new[t]) | set(old.get(t, {}))
                       if k in old.get(t, {}) and new[t].get(k) != old[t][k])   # keys added since: defaults
         if diff:
             raise UserError(f"--resume: recipe differs from {saved} in {', '.join(diff)}",
-                            hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} and the [parallel] layout may change")
+                            hint=f"only [run] {', '.join(RESUMABLE_RUN_KEYS)} and [parallel] may change")
     return ckpt
-
-
-LAYOUT_KEYS = ("name", "micro_batch", "expert_parallel", "activation_checkpoint")
 
 
 def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
@@ -241,11 +238,12 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     run_dir = Path(out_dir)
     strategy, device, loss_fn = preflight(recipe, registry, rdist.env().world)
     check_run_dir(run_dir, recipe, resume, overwrite)
-    me = rdist.init(device.type)
+    grouped_before = dist.is_initialized()
+    rdist.init(device.type)
     try:
         return _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwrite, progress)
-    finally:
-        if me.world > 1 and dist.is_initialized():
+    finally:   # also a 1-process group a backend (DeepSpeed) created
+        if dist.is_initialized() and not grouped_before:
             if sys.exc_info()[0] is None:
                 dist.barrier()           # tear gloo down together (one rank leaving early aborted the other)
             dist.destroy_process_group()

@@ -190,7 +190,11 @@ class ParallelStrategy:
         import importlib.util
         from rapid.errors import UserError
         name, c = self.name, self.config
-        if self.requires and importlib.util.find_spec(self.requires[0]) is None:
+        try:
+            missing = bool(self.requires) and importlib.util.find_spec(self.requires[0]) is None
+        except ModuleNotFoundError:      # a dotted name whose parent package is missing
+            missing = True
+        if missing:
             raise UserError(f"parallel strategy {name!r} needs {self.requires[0]}, which is not installed",
                             hint=f"pip install 'rapidmoe[{self.requires[1]}]'")
         wants = [(c.precision, f"precision {c.precision!r}"),

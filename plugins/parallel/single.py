@@ -126,9 +126,16 @@ class LocalEngine(Engine):
         return tensors, extra
 
     def load_extra_state(self, extra: dict) -> None:
-        for group, lr, initial in zip(self.optimizer.param_groups, extra["lr"], extra["initial_lr"]):
+        # every group follows one schedule: a layout with other groups (DeepSpeed's MoE groups) takes the first
+        n = len(self.optimizer.param_groups)
+        fit = lambda values: values if len(values) == n else values[:1] * n  # noqa: E731
+        for group, lr, initial in zip(self.optimizer.param_groups, fit(extra["lr"]), fit(extra["initial_lr"])):
             group["lr"], group["initial_lr"] = lr, initial
-        self.scheduler.load_state_dict(extra["scheduler"])
+        sched = dict(extra["scheduler"])
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if isinstance(sched.get(key), list):
+                sched[key] = fit(sched[key])
+        self.scheduler.load_state_dict(sched)
         if self.scaler and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
 

@@ -167,3 +167,18 @@ def test_step_end_observers_see_metrics():
 
     Registry(make_plugin_manager(autoload=False, extra=[Observer()])).step_end(3, {"loss": 1.5})
     assert seen == [(3, 1.5)]
+
+
+def test_a_strategy_whose_library_is_missing_names_the_extra(builtin_registry):
+    from rapid.types import ParallelStrategy
+
+    class Needy(ParallelStrategy):
+        capabilities = frozenset({"fp32"})
+        requires = ("no_such_library_xyz", "needy")
+
+    class Recipe:
+        pass
+
+    with pytest.raises(UserError, match=r"needs no_such_library_xyz, which is not installed") as info:
+        Needy(Needy.Config()).check(Recipe())
+    assert info.value.hint == "pip install 'rapidmoe[needy]'"

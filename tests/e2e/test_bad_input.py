@@ -44,6 +44,8 @@ def workspace(tmp_path_factory):
     (ws / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
     (ws / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (ws / "garbage.model").write_bytes(b"not a sentencepiece model")
+    (ws / "bad.json").write_text("{zero: 2")
+    (ws / "stage1.json").write_text('{"zero_optimization": {"stage": 1}}')
     (ws / "adir").mkdir()
     (ws / "empty.toml").write_text("")
     (ws / "binary.toml").write_bytes(b"\x00\x01\x02\xff")
@@ -236,6 +238,26 @@ CASES = [
     ("EP with one process", RUN + S("parallel.name=torch", "parallel.expert_parallel=2"),
      "expert_parallel=2 does not divide the world size 1"),
     ("CUDA on a CPU machine", RUN + S("run.device=cuda"), "[run] device = 'cuda' but no CUDA device is available"),
+    ("DeepSpeed EP without ZeRO", RUN + ["--nproc", "2"] + S("parallel.name=deepspeed", "parallel.expert_parallel=2"),
+     "DeepSpeed without ZeRO does not reduce sharded experts exactly"),
+    ("MoE with ZeRO-3", RUN + S("parallel.name=deepspeed", "parallel.zero_stage=3"),
+     "DeepSpeed does not support MoE layers with ZeRO-3"),
+    ("offload without ZeRO", RUN + S("parallel.name=deepspeed", "parallel.offload=true"),
+     "DeepSpeed offloads optimizer states only with ZeRO"),
+    ("DeepSpeed fp16 on the CPU", RUN + S("parallel.name=deepspeed", "parallel.precision=fp16"),
+     "DeepSpeed's CPU accelerator does not support fp16"),
+    ("DeepSpeed JSON not JSON", RUN + S("parallel.name=deepspeed", "parallel.config=bad.json"), "is not valid JSON"),
+    ("DeepSpeed JSON contradicts a switch", RUN + S("parallel.name=deepspeed", "parallel.config=stage1.json",
+                                                      "parallel.zero_stage=2"),
+     "contradicts the switches: zero_optimization.stage = 1 (the switches say 2)"),
+    ("ZeRO on torch", RUN + S("parallel.name=torch", "parallel.zero_stage=2"),
+     "parallel strategy 'torch' does not support zero_stage=2"),
+    ("tensor parallel on fsdp", RUN + S("parallel.name=fsdp", "parallel.tensor_parallel=2"),
+     "parallel strategy 'fsdp' does not support tensor_parallel=2"),
+    ("zero stage 4", RUN + S("parallel.zero_stage=4"), "key 'zero_stage' is 4; valid: 0, 1, 2, 3"),
+    ("unknown preset", RUN + S("parallel.preset=nope"), "unknown preset 'nope'; valid:"),
+    ("preset of another strategy", RUN + S("parallel.name=torch", "parallel.preset=deepspeed_zero2"),
+     "preset 'deepspeed_zero2' is for strategy 'deepspeed', not 'torch'"),
     # ---- CLI misuse: typer's usage message
     ("bare rapid", [], "Usage: rapid"),
     ("unknown command", ["nosuchcmd"], "No such command 'nosuchcmd'"),
