@@ -118,10 +118,19 @@ def main(argv: list[str] | None = None) -> None:
     """Typer runs in standalone mode: usage errors print its usage message and exit 2. A worker
     started by torch's elastic launcher records an unexpected error for the launcher to report."""
     import os
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        from torch.distributed.elastic.multiprocessing.errors import record
-        return record(_main)(argv)
-    return _main(argv)
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return _main(argv)
+    from torch.distributed.elastic.multiprocessing.errors import record
+    try:
+        record(_main)(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A worker's work is done: skip the interpreter's teardown, where gloo's threads, joined late,
+    # sometimes abort the process after a successful run ("terminate called without an active exception").
+    os._exit(code)
 
 
 def _main(argv: list[str] | None = None) -> None:

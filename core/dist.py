@@ -8,6 +8,7 @@ local workers through torch's elastic launcher. The backend is NCCL on CUDA and 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ import torch
 import torch.distributed as dist
 
 from rapid.errors import UserError
+
+
+_GROUPS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,10 @@ def init(device_type: str) -> Env:
         os.environ.setdefault("WORLD_SIZE", str(me.world))
         if device_type == "cuda":
             torch.cuda.set_device(me.local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        store, rank, world = next(dist.rendezvous("env://"))
+        # a fresh key space per group: a second run in this process would read the first one's addresses
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"rapid/{next(_GROUPS)}", store))
         if device_type == "cpu":   # share the cores, as torchrun's OMP_NUM_THREADS=1 would too coarsely
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // me.local_world))
     return me

@@ -31,6 +31,8 @@ BUILTINS = (
     "rapid.builtin.parallel.fsdp",
     "rapid.builtin.parallel.deepspeed",
     "rapid.builtin.parallel.local",
+    "rapid.builtin.parallel.fairscale",
+    "rapid.builtin.parallel.megatron",
     "rapid.builtin.kernels.reference",
     "rapid.builtin.plan",
     "rapid.builtin.ckpt",

@@ -243,6 +243,7 @@ def train(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrit
     try:
         return _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwrite, progress)
     finally:   # also a 1-process group a backend (DeepSpeed) created
+        strategy.close()
         if dist.is_initialized() and not grouped_before:
             if sys.exc_info()[0] is None:
                 dist.barrier()           # tear gloo down together (one rank leaving early aborted the other)

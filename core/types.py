@@ -239,6 +239,10 @@ class ParallelStrategy:
         """Wrap the materialised, initialised model and its optimizer into an Engine."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the strategy set up for the run (a library's global state); called when the run
+        ends, before the process group goes."""
+
 
 # ---------------------------------------------------------------- data
 @dataclass

@@ -38,7 +38,7 @@ from tests.e2e.test_train import _text_data
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="gloo on loopback")
 
-STRATEGY = {"local": "rapid.builtin.parallel.local:LocalDDP"}
+STRATEGY = {"local": "local"}
 LOCAL = [f"parallel.name={STRATEGY['local']}"]
 LAYOUTS = {   # 2 processes, micro_batch 2 unless set
     "local": LOCAL,
