@@ -116,6 +116,20 @@ def is_expert_param(name: str, expert_names: list[str]) -> bool:
     return any(name.startswith(prefix + ".") for prefix in expert_names)
 
 
+def routing_stats(routing: Routing, num_experts: int) -> dict[str, Tensor]:
+    """What every router's routing is measured by (0-dim tensors: no host sync): the busiest
+    expert's load over the mean load, the fraction of assignments dropped, and the router's entropy
+    (nats) where it has logits."""
+    ids = routing.expert_ids_TK.reshape(-1)
+    kept = (ids >= 0).float()
+    load_E = torch.bincount(ids.clamp_min(0), weights=kept, minlength=num_experts)
+    stats = {"load_max_mean": load_E.max() / load_E.mean().clamp_min(1e-9), "dropped_frac": 1.0 - kept.mean()}
+    if routing.logits_TE is not None:
+        logp = torch.log_softmax(routing.logits_TE.detach().float(), dim=-1)
+        stats["router_entropy"] = -(logp.exp() * logp).sum(-1).mean()
+    return stats
+
+
 class Dispatcher:
     """Local dispatch: rows grouped by expert and scattered back. ``dispatch`` returns the rows for
     this rank's experts, grouped by local expert, their per-expert counts (a tensor) and a context
@@ -160,8 +174,11 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return self.spec.num_experts
 
-    def forward(self, x_TD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor) -> tuple[Tensor, Routing]:
-        routing = self.router(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T)
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor, domain_ids_T: Tensor,
+                prev_token_ids_T: Tensor | None = None) -> tuple[Tensor, Routing]:
+        extra = {"prev_token_ids_T": prev_token_ids_T} if self.router.needs_previous_tokens else {}
+        routing = self.router(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T, **extra)
+        routing.stats = {**routing_stats(routing, self.spec.num_experts), **routing.stats}
         x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, self.experts)
         y_ND = self.experts(x_ND, counts_E)
         out_TD = self.dispatcher.combine(y_ND, ctx, routing.weights_TK).to(x_TD.dtype)

@@ -266,7 +266,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
 
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
     with torch.device("meta"):
-        model = build_model(recipe, registry)
+        model = build_model(recipe, registry, tuple(corpus.domains))
     params = count_params(model, getattr(recipe.model, "top_k", 1))   # of the whole model, before sharding
     model = strategy.parallelize(model, device)
     model.to_empty(device=device)
@@ -281,7 +281,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
              f"(steps past {horizon} run at min_lr={recipe.optim.min_lr})")
     engine = strategy.wrap(model, optimizer_factory(recipe, horizon), recipe.optim.clip)
     start, skipped_total, skipped_run = 0, 0, 0
-    data_id = {"corpus": corpus.fingerprint, "tokenizer": _sha256(corpus.tokenizer_path)}
+    data_id = {"corpus": corpus.fingerprint, "tokenizer": _sha256(corpus.tokenizer_path), "domains": corpus.domains}
     if ckpt:
         if state["step"] >= run_cfg.steps:
             raise UserError(f"--resume: the run is already complete at step {state['step']} ([run] steps = "

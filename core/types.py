@@ -73,6 +73,9 @@ class MoESpec:
     min_capacity: int = 4
     drop_policy: DropPolicy = "random"
     dropless: bool = False
+    vocab_size: int = 0               # token ids are below this (hash tables)
+    domains: tuple[str, ...] = ()     # domain id i is domains[i]: [data] domains, or the corpus's
+    layer: int = 0                    # this layer's index among the model's MoE layers
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Rows per expert, ``ceil(tokens * k / experts * factor)`` floored at ``min_capacity``;
@@ -90,11 +93,19 @@ class Routing:
     weights_TK: Tensor                  # [T, K] combine weights (0 where dropped)
     logits_TE: Tensor | None = None     # router logits, None for routers without a gate (hash, RRE)
     losses: dict[str, Tensor] = field(default_factory=dict)
-    stats: dict[str, float | Tensor] = field(default_factory=dict)  # logged, averaged over layers
+    stats: dict[str, float | Tensor] = field(default_factory=dict)  # logged per layer and averaged
 
 
 class Router(nn.Module):
-    """Base class of routers. Subclasses set ``Config`` (a dataclass) and implement ``forward``."""
+    """Base class of routers. Subclasses set ``Config`` (a dataclass) and implement ``forward``.
+
+    ``honors_capacity``: no expert keeps more than ``spec.capacity(T, training)`` assignments (the
+    contract tests check it; routers with their own balance rule, such as expert choice, say False).
+    ``needs_previous_tokens``: ``forward`` also gets ``prev_token_ids_T``, each token's predecessor in
+    its sequence (-1 at a sequence start). Parameters and persistent buffers are checkpointed with
+    the model; ``reset_parameters()``, if defined, initialises them after materialisation."""
+    honors_capacity: ClassVar[bool] = True
+    needs_previous_tokens: ClassVar[bool] = False
 
     @dataclass
     class Config:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import Annotated, Iterator
@@ -49,6 +49,7 @@ class DataConfig:
     character_coverage: Annotated[float, Field(gt=0, le=1)] = 0.9995  # rarer characters fall back to bytes
     max_documents: NonNegative = 0    # 0 = all
     dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
+    domains: list[str] = field(default_factory=list)  # domain ids in this order ([] = the data's, sorted)
 
 
 class DocumentSource(DataSource):
@@ -156,6 +157,7 @@ def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
     key_src = json.dumps({"format": CORPUS_FORMAT, "source": source.fingerprint(), "vocab": vocab_size,
                           "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents, "dedup": cfg.dedup,
                           "tokenizer": user_tok and hashlib.sha256(user_tok.read_bytes()).hexdigest(),
+                          "domains": list(cfg.domains),
                           "coverage": cfg.character_coverage}, sort_keys=True)
     root = cache_dir() / "corpus" / hashlib.sha256(key_src.encode()).hexdigest()[:32]
     tok_path = user_tok or root / "tokenizer.model"
@@ -166,7 +168,12 @@ def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
     if cfg.max_documents:
         docs = docs[: cfg.max_documents]
     train_docs, val_docs, dropped = split_documents(docs, cfg.val_fraction, cfg.dedup)
-    domains = sorted({d.domain for d in train_docs + val_docs})
+    found = sorted({d.domain for d in train_docs + val_docs})
+    domains = list(cfg.domains) or found
+    undeclared = [d for d in found if d not in domains]
+    if undeclared:
+        raise UserError(f"documents of domains not in [data] domains: {', '.join(undeclared[:5])}",
+                        hint=f"declared: {', '.join(domains)}; add them (ids follow the declared order)")
     if len(domains) > np.iinfo(np.int16).max:
         raise UserError(f"the [data] source has {len(domains)} domains; at most {np.iinfo(np.int16).max} are supported")
     dom_id = {d: i for i, d in enumerate(domains)}

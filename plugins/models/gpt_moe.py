@@ -107,7 +107,10 @@ class Block(nn.Module):
         if self.moe is None:
             return x_BSD + self.drop(self.mlp(h_BSD)), None
         B, S, D = h_BSD.shape
-        y_TD, routing = self.moe(h_BSD.reshape(B * S, D), token_ids_T, domain_ids_T)
+        prev_T = None
+        if self.moe.router.needs_previous_tokens:     # each token's predecessor, -1 at a sequence start
+            prev_T = torch.cat([token_ids_T.new_full((B, 1), -1), token_ids_T.view(B, S)[:, :-1]], 1).reshape(-1)
+        y_TD, routing = self.moe(h_BSD.reshape(B * S, D), token_ids_T, domain_ids_T, prev_T)
         return x_BSD + self.drop(y_TD.view(B, S, D)), routing
 
 
@@ -128,7 +131,7 @@ class GPTMoE(nn.Module):
             moe = None
             if i in cfg.moe_layers():
                 spec = cfg.spec(next(counts))
-                moe = MoE(spec, make_router(len(blocks), spec), cfg.ffn_mult * cfg.hidden, kernels,
+                moe = MoE(spec, make_router(sum(b.moe is not None for b in blocks), spec), cfg.ffn_mult * cfg.hidden, kernels,
                           cfg.residual, cfg.activation)
             blocks.append(Block(cfg, moe))
         self.blocks = nn.ModuleList(blocks)
@@ -164,13 +167,16 @@ class GPTMoE(nn.Module):
         out = ModelOutput(logits_BSV=None)
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(torch.arange(S, device=tokens_BS.device))
         token_ids_T, domain_ids_T = tokens_BS.reshape(-1), batch.domain_ids_BS.reshape(-1)
+        moe_index = 0
         for block in self.blocks:
             x_BSD, routing = block(x_BSD, token_ids_T, domain_ids_T)
             if routing is not None:
                 for name, value in routing.losses.items():
                     out.aux.setdefault(name, []).append(value)
-                for name, value in routing.stats.items():
+                for name, value in routing.stats.items():    # averaged over layers, and per layer
                     out.stats.setdefault(name, []).append(value)
+                    out.stats[f"moe{moe_index}/{name}"] = [value]
+                moe_index += 1
         out.logits_BSV = self.head(self.ln_f(x_BSD))
         return out
 

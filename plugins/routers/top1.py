@@ -63,13 +63,12 @@ class Top1Router(Router):
         kept_T1 = expert_ids_T1 >= 0
         weights_T1 = prob_T1 if self.config.gate_weights == "prob" else torch.ones_like(prob_T1)
         weights_T1 = weights_T1 * kept_T1
-        dropped_frac = 1.0 - kept_T1.float().mean()   # a tensor: logging syncs, routing does not
         return Routing(
             expert_ids_TK=expert_ids_T1,
             weights_TK=weights_T1,
             logits_TE=logits_TE,
             losses={"load_balance": load_balance_loss(probs_TE, top1_T1.squeeze(1)), "z_loss": z_loss(logits_TE)},
-            stats={"dropped_frac": dropped_frac, "capacity": float(capacity or 0)},
+            stats={"capacity": float(capacity or 0)},
         )
 
 
