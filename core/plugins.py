@@ -26,6 +26,8 @@ BUILTINS = (
     "rapid.builtin.models.gpt_moe",
     "rapid.builtin.losses",
     "rapid.builtin.routers.top1",
+    "rapid.builtin.routers.topk",
+    "rapid.builtin.routers.large_margin",
     "rapid.builtin.parallel.single",
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",

@@ -328,6 +328,7 @@ def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None
         try:
             return router_cls(recipe.router, spec)
         except (UserError, ValueError) as exc:
-            raise UserError(f"{recipe.path} [router] (name = {recipe.names['router']!r}): {exc}") from None
+            raise UserError(f"{recipe.path} [router] (name = {recipe.names['router']!r}): {exc}",
+                            hint=getattr(exc, "hint", None)) from None
 
     return model_cls(recipe.model, make_router, kernels)
