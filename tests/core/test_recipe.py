@@ -55,7 +55,7 @@ def _with(bad: dict) -> dict:
     ({"parallel": {"name": "deepspeedd"}}, r"unknown parallel 'deepspeedd'; valid: .*single"),
     ({"parallel": {"precision": "int8"}}, r"precision' is 'int8'; valid: fp32, bf16, fp16"),
     ({"parallel": {"micro_batch": 0}}, r"key 'micro_batch' must be greater than 0"),
-    ({"loss": {"lm": 1.0, "aux": 0.1}}, r"unknown loss term 'aux'; valid: lm, load_balance, z_loss"),
+    ({"loss": {"lm": 1.0, "aux": 0.1}}, r"unknown loss term 'aux'; valid: large_margin, lm, load_balance, z_loss"),
     ({"loss": {"lm": 0.0}}, r"the lm term needs a positive weight"),
     ({"loss": {"lm": float("nan")}}, r"key 'lm' must be a finite number"),
     ({"kernels": {"backend": "fast"}}, r"backend 'fast' is not installed; valid: auto, reference"),
