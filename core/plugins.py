@@ -28,6 +28,8 @@ BUILTINS = (
     "rapid.builtin.routers.top1",
     "rapid.builtin.routers.topk",
     "rapid.builtin.routers.large_margin",
+    "rapid.builtin.routers.hash",
+    "rapid.builtin.routers.rre",
     "rapid.builtin.parallel.single",
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",
@@ -38,6 +40,7 @@ BUILTINS = (
     "rapid.builtin.kernels.reference",
     "rapid.builtin.plan",
     "rapid.builtin.ckpt",
+    "rapid.builtin.extract",
     "rapid.builtin.data.snownlp",
     "rapid.builtin.data.text",
 )

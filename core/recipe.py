@@ -313,10 +313,11 @@ def _expand_preset(section: dict, source: str, registry, set_keys: dict) -> dict
     return {"name": strategy, **switches, **rest}
 
 
-def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None):
+def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None, token_counts=None):
     """The recipe's model with its routers and kernels, on the current default device (``rapid run``
     and ``rapid plan`` build it on the meta device). Each router's ``MoESpec`` also carries the
-    vocabulary size, its layer and the domain names (``domains``, else ``[data] domains``)."""
+    vocabulary size, its layer, the domain names (``domains``, else ``[data] domains``) and the
+    training data's count of each token id (``token_counts``, when known)."""
     model_cls = registry.get("model", recipe.names["model"])
     router_cls = registry.get("router", recipe.names["router"])
     kernels = Kernels(registry, recipe.kernels.backend)
@@ -324,7 +325,7 @@ def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None
 
     def make_router(moe_index, spec):
         spec = dataclasses.replace(spec, vocab_size=getattr(recipe.model, "vocab_size", 0), domains=names,
-                                   layer=moe_index)
+                                   layer=moe_index, token_counts=token_counts)
         try:
             return router_cls(recipe.router, spec)
         except (UserError, ValueError) as exc:

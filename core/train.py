@@ -16,6 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -266,7 +267,8 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
 
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
     with torch.device("meta"):
-        model = build_model(recipe, registry, tuple(corpus.domains))
+        counts_V = torch.from_numpy(np.bincount(corpus.train_tokens, minlength=recipe.model.vocab_size))
+        model = build_model(recipe, registry, tuple(corpus.domains), counts_V)
     params = count_params(model, getattr(recipe.model, "top_k", 1))   # of the whole model, before sharding
     model = strategy.parallelize(model, device)
     model.to_empty(device=device)

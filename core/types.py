@@ -76,6 +76,7 @@ class MoESpec:
     vocab_size: int = 0               # token ids are below this (hash tables)
     domains: tuple[str, ...] = ()     # domain id i is domains[i]: [data] domains, or the corpus's
     layer: int = 0                    # this layer's index among the model's MoE layers
+    token_counts: Tensor | None = field(default=None, compare=False, repr=False)  # [V] of the training data
 
     def capacity(self, num_tokens: int, training: bool) -> int | None:
         """Rows per expert, ``ceil(tokens * k / experts * factor)`` floored at ``min_capacity``;
@@ -164,8 +165,8 @@ class Engine:
         raise NotImplementedError
 
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
-        """(tensors, extra): model and optimizer tensors keyed ``model.<name>`` and
-        ``optim.<name>.<state>`` by full parameter name (sharded ones as DTensors over their global
+        """(tensors, extra): model and optimizer tensors keyed ``model.<name>`` (parameters and
+        persistent buffers) and ``optim.<name>.<state>`` by full parameter name (sharded ones as DTensors over their global
         shape, experts at their global index), which a load fills in place; and JSON-able state."""
         raise NotImplementedError
 

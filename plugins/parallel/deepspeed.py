@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from rapid import hookimpl
 from rapid.builtin.parallel.ddp import DistributedEngine, ExpertParallelStrategy
+from rapid.builtin.parallel.single import persistent_buffers
 from rapid.builtin.parallel.expert import ExpertParallel
 from rapid.errors import UserError
 from rapid.moe import MoE, is_expert_param
@@ -185,7 +186,7 @@ class DeepSpeedEngine(DistributedEngine):
             tensors, extra = super().checkpoint_state()
             return tensors, {**extra, "ds_scale": None}
         self._link_optimizer_state()
-        tensors = {}
+        tensors = persistent_buffers(self.inner)
         step = self._flat_step()
         for p in params:
             name = self.names[p]

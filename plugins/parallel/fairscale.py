@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rapid import hookimpl
-from rapid.builtin.parallel.single import LocalEngine, _init_optimizer_state, canonical
+from rapid.builtin.parallel.single import LocalEngine, _init_optimizer_state, canonical, persistent_buffers
 from rapid.types import Engine, MakeOptimizer, ModelOutput, ParallelStrategy
 
 
@@ -188,7 +188,8 @@ class FairScaleEngine(LocalEngine):
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
         _init_optimizer_state(self.local)
         self._shards = []
-        tensors = {f"model.{name}": self._whole(p, p.detach()) for p, name in self.names.items()}
+        tensors = {**persistent_buffers(self.inner),
+                   **{f"model.{name}": self._whole(p, p.detach()) for p, name in self.names.items()}}
         for p in self._owned():
             for key, value in self.local.state[p].items():
                 if isinstance(value, Tensor):

@@ -29,6 +29,14 @@ def canonical(name: str) -> str:
     return name.removeprefix("module.").replace("_orig_mod.", "")
 
 
+def persistent_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The model's persistent buffers (a hash router's table) keyed ``model.<name>``: replicated on
+    every rank, saved and restored in place with the parameters."""
+    return {f"model.{canonical(f'{mod_name}.{name}' if mod_name else name)}": buf
+            for mod_name, module in model.named_modules() for name, buf in module.named_buffers(recurse=False)
+            if buf is not None and name not in module._non_persistent_buffers_set}
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each of ``model.blocks`` in backward (torch.utils.checkpoint, non-reentrant)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
@@ -112,7 +120,7 @@ class LocalEngine(Engine):
 
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
         _init_optimizer_state(self.optimizer)
-        tensors = {}
+        tensors = persistent_buffers(self.inner)
         for p, name in self.names.items():
             tensors[f"model.{name}"] = self.global_view(name, p.detach())
             for key, value in self.optimizer.state[p].items():

@@ -208,3 +208,23 @@ def test_a_parameter_without_gradient_is_a_clear_error(runs, tmp_path):
                "--set", "loss.z_loss=0.0")
     assert p.returncode == 2
     assert "parameters that get no gradient: blocks.0.moe.router.gate.weight" in p.stderr, p.stderr[-2000:]
+
+
+def test_hash_router_under_fsdp_and_ep_matches_one_process_and_resumes(runs, tmp_path):
+    """A router without parameters (hash, bigram: it also needs each token's predecessor) under FSDP2
+    with expert parallelism: every expert stays in the graph, the tables (buffers, replicated) are
+    saved with the model, and the run matches one process and resumes bit for bit."""
+    hashed = ["--set", "router.name=hash", "--set", "router.variant=bigram"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _rapid(str(runs / "r.toml"), "--out", str(one), *LAYOUTS["single"], *hashed)
+    assert p.returncode == 0, p.stderr[-3000:]
+    env = {"RAPID_TEST_KILL_STEP": "5", "PYTHONPATH": f"{runs / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    killed = _rapid(str(runs / "r.toml"), "--out", str(two), *LAYOUTS["fsdp_ep2"], *hashed, env=env)
+    assert killed.returncode != 0 and max(r["step"] for r in _metrics(two)) == 5, killed.stderr[-2000:]
+    resumed = _rapid(str(runs / "r.toml"), "--out", str(two), "--resume", *LAYOUTS["fsdp_ep2"], *hashed)
+    assert resumed.returncode == 0 and "step_00000004" in resumed.stderr, resumed.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert _close(y["lm_loss"], x["lm_loss"], 1e-5), (x["step"], x["lm_loss"], y["lm_loss"])
+    assert _close(b[-1]["val_loss"], a[-1]["val_loss"], 1e-5)
