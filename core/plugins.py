@@ -30,6 +30,8 @@ BUILTINS = (
     "rapid.builtin.routers.large_margin",
     "rapid.builtin.routers.hash",
     "rapid.builtin.routers.rre",
+    "rapid.builtin.routers.expert_choice",
+    "rapid.builtin.routers.base",
     "rapid.builtin.parallel.single",
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",

@@ -90,7 +90,7 @@ class MoESpec:
 
 @dataclass
 class Routing:
-    expert_ids_TK: Tensor               # long [T, K]; -1 marks an assignment dropped by capacity
+    expert_ids_TK: Tensor               # long [T, K] (K: Router.slots_per_token); -1: dropped / not taken
     weights_TK: Tensor                  # [T, K] combine weights (0 where dropped)
     logits_TE: Tensor | None = None     # router logits, None for routers without a gate (hash, RRE)
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -116,6 +116,11 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.spec = spec
+
+    @property
+    def slots_per_token(self) -> int:
+        """K of the ``Routing``: ``top_k``; one column per expert for expert-choice routers."""
+        return self.spec.top_k
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
         raise NotImplementedError
