@@ -155,6 +155,7 @@ class Registry:
         """The parallel strategy ``name`` built for ``world_size`` processes."""
         strategy = self.get("parallel", name)(config, world_size)
         strategy.name = name
+        strategy.peers = {n: frozenset(getattr(e.obj, "capabilities", ())) for n, e in self.entries("parallel").items()}
         return strategy
 
     def presets(self) -> dict[str, tuple[str, dict]]:

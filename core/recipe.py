@@ -140,7 +140,10 @@ def _adapter(hint) -> TypeAdapter:
 def check_value(value: Any, hint, where: str) -> Any:
     """``value`` validated against ``hint`` (int -> float is the only conversion), or a UserError
     that says what was expected."""
-    try:
+    literal = typing.get_origin(hint) is typing.Literal
+    if literal and isinstance(value, bool) and not any(isinstance(a, bool) for a in typing.get_args(hint)):
+        raise UserError(f"{where} is {value!r}; valid: {', '.join(str(a) for a in typing.get_args(hint))}")
+    try:   # (True == 1, so pydantic's Literal[0, 1, 2, 3] would take True)
         return _adapter(hint).validate_python(value)
     except ValidationError as exc:
         errors = exc.errors()
@@ -297,7 +300,9 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
 
 
 def _expand_preset(section: dict, source: str, registry, set_keys: dict) -> dict:
-    """``[parallel] preset = "..."``: the preset's strategy and switches, then the table's own keys."""
+    """``[parallel] preset = "..."``: the preset's strategy and switches, then the table's own keys.
+    A preset from ``--set`` outranks the file's keys (its strategy replaces the file's ``name``) and
+    yields only to other ``--set`` keys."""
     if "preset" not in section:
         return section
     via = f"--set {set_keys['preset']}: " if "preset" in set_keys else ""
@@ -308,6 +313,9 @@ def _expand_preset(section: dict, source: str, registry, set_keys: dict) -> dict
                         hint="`rapid plugins` lists the presets")
     strategy, switches = presets[name]
     rest = {k: v for k, v in section.items() if k != "preset"}
+    if "preset" in set_keys:
+        file = {k: v for k, v in rest.items() if k not in set_keys and k != "name" and k not in switches}
+        rest = {**file, **{k: v for k, v in rest.items() if k in set_keys}}
     if rest.get("name", strategy) != strategy:
         raise UserError(f"{source} [parallel]: preset {name!r} is for strategy {strategy!r}, not {rest['name']!r}")
     return {"name": strategy, **switches, **rest}

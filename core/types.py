@@ -201,6 +201,7 @@ class ParallelStrategy:
     def __init__(self, config, world_size: int = 1):
         self.config, self.world_size = config, world_size
         self.name = self.name or type(self).__name__
+        self.peers: dict[str, frozenset[str]] = {}    # registered strategies' capabilities (for hints)
 
     def check(self, recipe) -> None:
         """Refuse impossible combinations before anything is built or launched (raise UserError)."""
@@ -223,8 +224,10 @@ class ParallelStrategy:
                  ("activation_checkpoint" if c.activation_checkpoint else None, "activation_checkpoint")]
         for capability, what in wants:
             if capability and capability not in self.capabilities:
+                able = sorted(n for n, caps in self.peers.items() if capability in caps)
                 raise UserError(f"parallel strategy {name!r} does not support {what}",
-                                hint="`rapid plugins --capabilities` shows what each strategy supports")
+                                hint=(f"strategies that do: {', '.join(able)}; " if able else "")
+                                + "`rapid plugins --capabilities` shows what each strategy supports")
 
     def device(self, requested: str = "auto") -> torch.device:
         """The device this process trains on, from ``[run] device`` (a GPU per local rank)."""

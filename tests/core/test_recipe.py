@@ -107,3 +107,19 @@ def test_directory_and_binary_recipes(tmp_path, builtin_registry):
     path.write_bytes(b"\x00\x01\xff\xfe")
     with pytest.raises(UserError, match="is not a UTF-8 text file"):
         load_recipe(path, registry=builtin_registry)
+
+
+def test_a_preset_from_the_command_line_outranks_the_files_parallel_table(builtin_registry, tmp_path):
+    """The shipped recipes say name = "single": `--set parallel.preset=...` switches the strategy,
+    its switches beat the file's, other --set keys beat the preset, and file keys it does not set stay."""
+    path = tmp_path / "r.toml"
+    path.write_text('[run]\nsteps = 2\n[model]\nexperts = 2\n'
+                    '[parallel]\nname = "single"\nmicro_batch = 8\nzero_stage = 0\n')
+    r = load_recipe(path, ["parallel.preset=deepspeed_zero2"], builtin_registry)
+    assert (r.names["parallel"], r.parallel.zero_stage, r.parallel.micro_batch) == ("deepspeed", 2, 8)
+    r = load_recipe(path, ["parallel.preset=deepspeed_zero2", "parallel.zero_stage=1"], builtin_registry)
+    assert (r.names["parallel"], r.parallel.zero_stage) == ("deepspeed", 1)
+    with pytest.raises(UserError, match="preset 'deepspeed_zero2' is for strategy 'deepspeed', not 'torch'"):
+        load_recipe(path, ["parallel.preset=deepspeed_zero2", "parallel.name=torch"], builtin_registry)
+    path.write_text('[run]\nsteps = 2\n[model]\nexperts = 2\n[parallel]\npreset = "deepspeed_zero2"\nzero_stage = 1\n')
+    assert load_recipe(path, [], builtin_registry).parallel.zero_stage == 1     # in the file: its own keys win

@@ -255,6 +255,7 @@ CASES = [
     ("tensor parallel on fsdp", RUN + S("parallel.name=fsdp", "parallel.tensor_parallel=2"),
      "parallel strategy 'fsdp' does not support tensor_parallel=2"),
     ("zero stage 4", RUN + S("parallel.zero_stage=4"), "key 'zero_stage' is 4; valid: 0, 1, 2, 3"),
+    ("zero stage true", RUN + S("parallel.zero_stage=true"), "key 'zero_stage' is True; valid: 0, 1, 2, 3"),
     ("unknown preset", RUN + S("parallel.preset=nope"), "unknown preset 'nope'; valid:"),
     ("preset of another strategy", RUN + S("parallel.name=torch", "parallel.preset=deepspeed_zero2"),
      "preset 'deepspeed_zero2' is for strategy 'deepspeed', not 'torch'"),

@@ -111,3 +111,12 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler():
     stats = eng.step()
     assert stats["skipped"] and stats["loss_scale"] > 0
     assert all(torch.equal(a, b) for a, b in zip(before, eng.model.parameters()))
+
+
+def test_a_refused_switch_names_the_strategies_that_support_it(builtin_registry):
+    from rapid.types import ParallelConfig
+    strategy = builtin_registry.strategy("torch", ParallelConfig(zero_stage=2))
+    with pytest.raises(UserError) as info:
+        strategy.check(None)
+    assert "does not support zero_stage=2" in str(info.value)
+    assert info.value.hint.startswith("strategies that do: deepspeed, fairscale;"), info.value.hint
