@@ -357,8 +357,11 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
                 record = {"step": step, "loss": means.pop("loss")}
                 record.update({metric_key(k): means.pop(k) for k in loss_fn.terms})
                 record.update(means)
+                peak = torch.tensor([float(_peak_memory(device))], device=device)
+                if dist.is_initialized():          # the fullest rank
+                    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 record.update(tokens_per_s=n * tokens_per_step / window_time, skipped_steps=skipped_total,
-                              **step_stats)
+                              peak_memory_bytes=int(peak.item()), **step_stats)
                 sums.clear()
                 window_steps, window_time = 0, 0.0
                 result.final = dict(record)
@@ -383,6 +386,14 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
     result.seconds = run_time
     result.tokens_per_s = (run_cfg.steps - start) * tokens_per_step / run_time if run_time else 0.0
     return result
+
+
+def _peak_memory(device: torch.device) -> int:
+    """This process's peak memory so far: CUDA's max reserved bytes on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
 
 
 class _Progress:

@@ -32,8 +32,10 @@ def test_loss_falls_and_files_written(tmp_path):
     result = train_raw(raw, tmp_path / "run", progress=False)
     rows = _metrics(tmp_path / "run")
     train_rows = [r for r in rows if "loss" in r]
-    for key in ("step", "loss", "lm_loss", "lr", "tokens_per_s", "load_balance_loss", "z_loss", "grad_norm"):
+    for key in ("step", "loss", "lm_loss", "lr", "tokens_per_s", "load_balance_loss", "z_loss", "grad_norm",
+                "peak_memory_bytes"):
         assert key in train_rows[0], key
+    assert 50 * 2**20 < train_rows[-1]["peak_memory_bytes"] < 8 * 2**30          # this process's peak RSS
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert train_rows[-1]["lm_loss"] < 0.75 * train_rows[0]["lm_loss"]

@@ -113,7 +113,7 @@ def test_kill_then_resume_equals_uninterrupted(runs, layout, tmp_path):
     resumed = _rapid(str(runs / "r.toml"), "--out", str(out), "--resume", *LAYOUTS[layout])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000004" in resumed.stderr
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_bytes")} for r in rows]  # noqa: E731
     assert strip(_metrics(out)) == strip(_metrics(runs / layout))
 
 
@@ -150,7 +150,7 @@ def test_torchrun_started_workers_train_the_same(runs, tmp_path):
                         "-m", "rapid.cli", "run", str(runs / "r.toml"), "--out", str(out), "--no-progress",
                         "--set", "parallel.name=torch"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_memory_bytes")} for r in rows]  # noqa: E731
     assert strip(_metrics(out)) == strip(_metrics(runs / "torch"))
 
 
