@@ -32,6 +32,7 @@ BUILTINS = (
     "rapid.builtin.routers.rre",
     "rapid.builtin.routers.expert_choice",
     "rapid.builtin.routers.base",
+    "rapid.builtin.routers.uniform",
     "rapid.builtin.parallel.single",
     "rapid.builtin.parallel.ddp",
     "rapid.builtin.parallel.fsdp",
@@ -43,6 +44,7 @@ BUILTINS = (
     "rapid.builtin.plan",
     "rapid.builtin.ckpt",
     "rapid.builtin.extract",
+    "rapid.builtin.sweep",
     "rapid.builtin.data.snownlp",
     "rapid.builtin.data.text",
 )

