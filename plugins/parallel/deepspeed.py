@@ -13,17 +13,20 @@ ZeRO 1 or 2 only: DeepSpeed's non-ZeRO path averages expert gradients over their
 with a norm averaged across ranks, which is refused).
 
 The switches (micro_batch, grad_accum, zero_stage, offload, precision, the [optim] clip) own their
-DeepSpeed keys; ``[parallel] config = "ds.json"`` adds everything else from a DeepSpeed JSON, and
-a JSON key that contradicts a switch is refused, every conflict named. rapid's [optim] table builds
-the optimizer (a torch AdamW, which also avoids compiling FusedAdam) and the LR schedule, so the JSON
-may not have "optimizer" or "scheduler" blocks. Checkpoints are rapid's layout-free format: fp32
-master weights and Adam states are gathered per parameter with DeepSpeed's ``safe_get_full_*`` and
-set back with ``safe_set_full_*``, so a DeepSpeed run resumes under torch DDP and the reverse.
+DeepSpeed keys (offload = false too: no optimizer offload); ``[parallel] config = "ds.json"`` adds
+everything else from a DeepSpeed JSON, and a JSON key that contradicts a switch is refused, every
+conflict named. rapid's [optim] table builds the optimizer (a torch AdamW, which also avoids
+compiling FusedAdam) and the LR schedule, so the JSON may not have "optimizer" or "scheduler" blocks.
+Checkpoints are rapid's layout-free format: fp32 master weights and Adam states per parameter,
+gathered from ZeRO's flat partitions with DeepSpeed's ``safe_get_full_*`` and set back with
+``safe_set_full_*`` (without ZeRO: the parameters' fp32 masters, DeepSpeed's copies in bf16/fp16), so
+a DeepSpeed run resumes under torch DDP and the reverse. A step with non-finite gradients is skipped
+on every rank, without ZeRO in fp32 too (where DeepSpeed itself would apply it).
 
 On the CPU: DeepSpeed needs a process group even in one process (rapid creates a 1-process gloo
 group: without RANK/WORLD_SIZE/MASTER_* DeepSpeed looks for mpi4py), and its first
 ``init_distributed`` compiles a shared-memory all-reduce op used only by inference kernels (~30 s);
-rapid skips building it.
+rapid skips building it. ``close`` resets DeepSpeed's module globals and those variables.
 """
 
 from __future__ import annotations
@@ -54,9 +57,7 @@ DEFAULTS = {"zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer"
 
 def ds_config(c, clip: float) -> dict:
     """The DeepSpeed keys the switches (and [optim] clip) own."""
-    zero = {"stage": c.zero_stage}
-    if c.offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
+    zero = {"stage": c.zero_stage, "offload_optimizer": {"device": "cpu" if c.offload else "none"}}
     return {"train_micro_batch_size_per_gpu": c.micro_batch, "gradient_accumulation_steps": c.grad_accum,
             "gradient_clipping": clip, "zero_optimization": zero,
             "bf16": {"enabled": c.precision == "bf16"},
@@ -68,6 +69,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _merge(user: dict, own: dict, where: str, prefix: str = "") -> dict:
+    """The switches' keys over the user's, block by block (where the switches have a block, so must the user)."""
+    merged = dict(user)
+    for key, value in own.items():
+        if isinstance(value, dict):
+            theirs = user.get(key, {})
+            if not isinstance(theirs, dict):
+                raise UserError(f"{where}: {prefix}{key} must be a JSON object (a block of settings), not "
+                                f"{type(theirs).__name__} {json.dumps(theirs)}",
+                                hint=f"write it as DeepSpeed's config reference does, e.g. \"{key}\": {{...}}")
+            value = _merge(theirs, value, where, f"{prefix}{key}.")
+        merged[key] = value
+    return merged
 
 
 def merged_config(c, clip: float, world: int) -> dict:
@@ -94,9 +110,10 @@ def merged_config(c, clip: float, world: int) -> dict:
     if conflicts:
         raise UserError(f"[parallel] config {c.config!r} contradicts the switches: {'; '.join(conflicts)}",
                         hint="leave these keys out of the JSON: [parallel] and [optim] set them")
-    merged = {**DEFAULTS, **user}
-    for key, value in own.items():   # the switches' keys, merged into the user's blocks
-        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    merged = _merge({**DEFAULTS, **user}, own, f"[parallel] config {c.config!r}")
+    if "cpu_offload" in merged["zero_optimization"]:     # DeepSpeed's old spelling of offload_optimizer
+        raise UserError(f"[parallel] config {c.config!r} has zero_optimization.cpu_offload; the offload switch owns "
+                        "optimizer offload", hint="leave it out of the JSON and set [parallel] offload")
     return merged
 
 
@@ -129,6 +146,33 @@ class _DeepSpeedCheckpointed(nn.Module):
         return y, Routing(None, None, losses=losses, stats=stats)
 
 
+# DeepSpeed's flat fp32 partitions, which its optimizers hand the torch AdamW: ZeRO-3, ZeRO 1/2, BF16_Optimizer
+FLAT_FP32 = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+# fp16's dynamic loss scaler (ZeRO: DynamicLossScaler; without: FP16_UnfusedOptimizer's LossScaleConfig, no hysteresis)
+SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def scaler_state(scaler) -> dict:
+    return {k: getattr(scaler, k) for k in SCALER_KEYS if hasattr(scaler, k)}
+
+
+def load_scaler_state(scaler, state: dict) -> None:
+    for key, value in state.items():
+        setattr(scaler, key, value)
+
+
+@torch.no_grad()
+def _zero_adam_state(optimizer, tensors) -> None:
+    """AdamW's state, zeros, for the fp32 tensors it has not stepped yet (a resume), as torch's AdamW
+    (rapid's [optim]) creates it, so that a checkpoint loads in place. Not LocalEngine's fake step:
+    DeepSpeed keeps gradient buffers on its partitions (offload), which that step's zero_grad would
+    drop, and ZeRO-3 hands the optimizer its partitions only inside its own step."""
+    for t in tensors:
+        if not optimizer.state.get(t):
+            optimizer.state[t] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(t),
+                                  "exp_avg_sq": torch.zeros_like(t)}
+
+
 class DeepSpeedEngine(DistributedEngine):
     """rapid's engine interface over a ``deepspeed.DeepSpeedEngine`` (which owns mixed precision,
     gradient reduction, clipping, loss scaling and the optimizer step)."""
@@ -136,6 +180,19 @@ class DeepSpeedEngine(DistributedEngine):
     def __init__(self, model, ds, optimizer, scheduler, config, clip, device, ep=None):
         super().__init__(model, ds, optimizer, scheduler, config, clip, device, ep=ep)
         self.ds, self.scaler, self._template = ds, None, None
+        opt = ds.optimizer          # DeepSpeed's wrapper of ``optimizer`` (the torch AdamW), or that itself
+        # where the AdamW's fp32 weights live: flat partitions under ZeRO; without, one per parameter: the
+        # parameter itself in fp32, DeepSpeed's fp32 copy in bf16/fp16 (FP16_UnfusedOptimizer's fp32_groups)
+        self._flats = next((getattr(opt, a) for a in FLAT_FP32 if hasattr(opt, a)), None)
+        self._masters = None
+        if self._flats is None and opt is optimizer:
+            self._masters = {p: p for p in self.names}
+        elif self._flats is None:
+            self._masters = {lp: hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+            # FP16_UnfusedOptimizer created the AdamW's state with a step on zero gradients (weight decay
+            # applied to the masters, a step counted): undo it, as if the first step were the first
+            opt.refresh_fp32_params()
+            optimizer.state.clear()
 
     def autocast(self):
         import contextlib
@@ -151,86 +208,92 @@ class DeepSpeedEngine(DistributedEngine):
 
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
-        skipped_before = self.ds.skipped_steps
-        # without ZeRO in fp32 DeepSpeed keeps no norm: the gradients are whole, reduced and local here
+        skipped_before, opt = self.ds.skipped_steps, self.ds.optimizer
+        # without ZeRO DeepSpeed keeps no norm in fp32: the gradients are whole, reduced and local here
         own = None if self.config.zero_stage else self.grad_norm_squared([p for p in self.names if p.grad is not None])
-        self.ds.step()
+        bare = opt is self.optimizer
+        if bare:
+            # no ZeRO, fp32: DeepSpeed steps the bare AdamW whatever its gradients. It skips the schedule and
+            # counts a skipped step when its optimizer reports an overflow (as its fp16/bf16 wrappers do):
+            # report one when the norm is not finite on some rank, and make that step a no-op
+            dist.all_reduce(own, op=dist.ReduceOp.MAX)
+            opt.overflow = not torch.isfinite(own).item()
+            if opt.overflow:
+                opt.step = lambda closure=None: None
+        try:
+            self.ds.step()
+        finally:
+            if bare:
+                vars(opt).pop("step", None)
         norm = self.ds.get_global_grad_norm() if own is None else own.sqrt()
         norm = float(norm) if norm is not None else float("nan")
         stats = {"lr": lr, "grad_norm": norm, "skipped": self.ds.skipped_steps > skipped_before}
         if self.config.precision == "fp16":
-            stats["loss_scale"] = float(self.ds.optimizer.cur_scale)
+            stats["loss_scale"] = float(opt.loss_scale)
         return stats
 
-    # ---- checkpoints: fp32 master weights and Adam states per parameter, gathered from ZeRO
-    def _sharded(self, p) -> bool:
-        from deepspeed.utils import safe_get_full_fp32_param
-        return safe_get_full_fp32_param(p) is not None
-
-    def _link_optimizer_state(self) -> None:
-        """Adam's state for every flat fp32 partition, linked to each parameter's fragment.
-        DeepSpeed links the fragments once, after the step of the FIRST parameter group, when a lazily
-        initialised torch optimizer has no state yet for the others (their fragments stay empty), and
-        not at all before a first step (a resume): create what is missing, then link again."""
-        from rapid.builtin.parallel.single import _init_optimizer_state
+    # ---- checkpoints: fp32 master weights and Adam states per parameter (gathered from ZeRO's partitions)
+    def _loss_scaler(self):
         opt = self.ds.optimizer
-        _init_optimizer_state(opt.optimizer)
-        if hasattr(opt, "_hp_optimizer_states_linked"):
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
+        return opt.loss_scaler if hasattr(opt, "loss_scaler") else opt.loss_scale_config
 
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        params = list(self.names)
-        if not self._sharded(params[0]):              # ZeRO 0 in fp32: the torch optimizer as is
-            tensors, extra = super().checkpoint_state()
-            return tensors, {**extra, "ds_scale": None}
-        self._link_optimizer_state()
-        tensors = persistent_buffers(self.inner)
-        step = self._flat_step()
-        for p in params:
-            name = self.names[p]
-            tensors[f"model.{name}"] = self.global_view(name, safe_get_full_fp32_param(p).float())
-            for key in ("exp_avg", "exp_avg_sq"):
-                tensors[f"optim.{name}.{key}"] = self.global_view(name, safe_get_full_optimizer_state(p, key).float())
-            tensors[f"optim.{name}.step"] = step.clone()
-        self._template = tensors
-        scaler = self.ds.optimizer.loss_scaler if self.config.precision == "fp16" else None
+        tensors, opt, state = persistent_buffers(self.inner), self.ds.optimizer, self.optimizer.state
+        if self._masters is not None:      # no ZeRO (nor expert parallelism): the masters and states, in place
+            _zero_adam_state(self.optimizer, self._masters.values())
+            for p, name in self.names.items():
+                master = self._masters[p]
+                tensors[f"model.{name}"] = master
+                tensors.update({f"optim.{name}.{key}": value for key, value in state[master].items()})
+        else:
+            _zero_adam_state(self.optimizer, self._flats)
+            if hasattr(opt, "_hp_optimizer_states_linked"):
+                # ZeRO 1/2 link each parameter's fragment of the states once, after the step of the first
+                # parameter group (before the others have state) and not before a first step: link again
+                opt._hp_optimizer_states_linked = False
+                opt._lazy_init_hp_params_optimizer_state()
+            step = next(s["step"] for s in state.values() if "step" in s).float().cpu()
+            for p, name in self.names.items():    # gathered (collective), held on the host until a load
+                tensors[f"model.{name}"] = self.global_view(name, safe_get_full_fp32_param(p).float().cpu())
+                for key in ("exp_avg", "exp_avg_sq"):
+                    full = safe_get_full_optimizer_state(p, key).float().cpu()
+                    tensors[f"optim.{name}.{key}"] = self.global_view(name, full)
+                tensors[f"optim.{name}.step"] = step.clone()
+            self._template = tensors
         extra = {"lr": [g["lr"] for g in self.optimizer.param_groups],
                  "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
                  "scheduler": self.scheduler.state_dict(),
-                 "ds_scale": {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter")}
-                 if scaler is not None else None}
+                 "ds_scale": scaler_state(self._loss_scaler()) if self.config.precision == "fp16" else None}
         return tensors, extra
 
-    def _flat_step(self) -> Tensor:
-        inner = self.ds.optimizer.optimizer if hasattr(self.ds.optimizer, "optimizer") else self.ds.optimizer
-        for state in inner.state.values():
-            if "step" in state:
-                return torch.as_tensor(state["step"], dtype=torch.float32).cpu().reshape(())
-        return torch.zeros(())
-
+    @torch.no_grad()
     def load_extra_state(self, extra: dict) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-        if self._template is not None:
-            step = None
+        opt = self.ds.optimizer
+        if self._masters is not None:      # the module's 16-bit weights from their masters, as after a step
+            for p, master in self._masters.items():
+                if p is not master:
+                    p.copy_(master)
+        elif self._template is not None:
+            local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
             for p, name in self.names.items():
-                local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-                full = local(self._template[f"model.{name}"])
-                safe_set_full_fp32_param(p, full)
-                with torch.no_grad():
-                    if p.numel() == full.numel():          # ZeRO 1/2: the 16-bit module weight, whole
-                        p.data.copy_(full.to(p.dtype).view_as(p))
+                safe_set_full_fp32_param(p, local(self._template[f"model.{name}"]))
                 for key in ("exp_avg", "exp_avg_sq"):
                     safe_set_full_optimizer_state(p, local(self._template[f"optim.{name}.{key}"]), key)
-                step = self._template[f"optim.{name}.step"]
-            inner = self.ds.optimizer.optimizer if hasattr(self.ds.optimizer, "optimizer") else self.ds.optimizer
-            for state in inner.state.values():
-                if "step" in state:
-                    state["step"] = step.clone() if isinstance(state["step"], Tensor) else int(step)
-            if extra.get("ds_scale") and self.config.precision == "fp16":
-                for key, value in extra["ds_scale"].items():
-                    setattr(self.ds.optimizer.loss_scaler, key, value)
+            step = self._template[f"optim.{next(iter(self.names.values()))}.step"]
+            for state in self.optimizer.state.values():
+                state["step"].copy_(step)
+            if hasattr(opt, "update_lp_params"):      # ZeRO 1/2, BF16_Optimizer: copy and gather the partitions
+                opt.update_lp_params()
+            else:                                    # ZeRO-3: the partitions, then its gathered small parameters
+                opt.checkpoint_event_prologue()
+                for lp, hp in zip(opt.fp16_partitioned_groups_flat, self._flats):
+                    lp.copy_(hp)
+                opt.checkpoint_event_epilogue()
+            self._template = None
+        if extra.get("ds_scale") and self.config.precision == "fp16":
+            load_scaler_state(self._loss_scaler(), extra["ds_scale"])
         super().load_extra_state(extra)
 
 
@@ -248,6 +311,7 @@ class DeepSpeed(ExpertParallelStrategy):
                "deepspeed_zero2_offload": {"zero_stage": 2, "offload": True},
                "deepspeed_zero3": {"zero_stage": 3}}
     requires = ("deepspeed", "deepspeed")
+    _environ: dict | None = None     # what wrap changed in os.environ: the values before
 
     def check(self, recipe) -> None:
         super().check(recipe)
@@ -304,9 +368,12 @@ class DeepSpeed(ExpertParallelStrategy):
         # an inference-only CPU all-reduce op (~30 s to compile) that training never uses; the module,
         # not `deepspeed.comm.torch`, which is the torch library imported in deepspeed.comm
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        self._environ = {}
         if not dist.is_initialized():             # one process: a 1-process group, without mpi4py discovery
-            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                               "MASTER_PORT": str(_free_port())})
+            ours = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(_free_port())}
+            self._environ = {key: os.environ.get(key) for key in ours}      # restored by close()
+            os.environ.update(ours)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
         regroup = None
@@ -336,6 +403,24 @@ class DeepSpeed(ExpertParallelStrategy):
         finally:
             engine_module.MoE = ds_moe
         return DeepSpeedEngine(model, ds, optimizer, scheduler, self.config, clip, device, ep=self.ep)
+
+    def close(self) -> None:
+        """DeepSpeed's module globals (its process groups, its communication backend) and the
+        environment wrap set, as before: a next run in this process starts clean (the process
+        group itself is the caller's to destroy)."""
+        if self._environ is None:       # never wrapped
+            return
+        import importlib
+
+        from deepspeed.utils import groups
+        groups._release_process_group_references()          # what deepspeed.comm.destroy_process_group does
+        importlib.import_module("deepspeed.comm.comm").cdb = None
+        for key, value in self._environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._environ = None
 
 
 def _free_port() -> int:

@@ -1,12 +1,16 @@
 """The deepspeed backend for real: DeepSpeed 0.19 on 2 processes (gloo), the tiny model, fp32,
 dropless, the same global batch as one process (load-balance term left out: a per-micro-batch
-statistic). ZeRO-1, ZeRO-2, ZeRO-2 with expert parallelism, ZeRO-3 on a dense model, offload and
-DeepSpeed activation checkpointing against one process; bf16 trains; checkpoints resume under torch
-DDP and the reverse; the switches and a DeepSpeed JSON merge, contradictions are refused."""
+statistic). No ZeRO, ZeRO-1, ZeRO-2, ZeRO-2 with expert parallelism, ZeRO-3 on a dense model, offload
+and DeepSpeed activation checkpointing against one process; bf16 trains; every stage and precision
+resumes its own checkpoint bit for bit, and checkpoints resume under torch DDP and the reverse; a
+non-finite step is skipped without ZeRO too; a second run in the process starts clean; the switches
+and a DeepSpeed JSON merge, contradictions and malformed blocks are refused."""
 
 import json
 import os
+import re
 import shutil
+import textwrap
 
 import pytest
 import tomli_w
@@ -20,6 +24,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="gloo on loopback")
 
 DS = ["--nproc", "2", "--set", "parallel.name=deepspeed"]
 LAYOUTS = {
+    "zero0": DS,
     "zero1": DS + ["--set", "parallel.zero_stage=1"],
     "zero2": DS + ["--set", "parallel.zero_stage=2"],
     "zero2_ep2": DS + ["--set", "parallel.zero_stage=2", "--set", "parallel.expert_parallel=2"],
@@ -27,6 +32,9 @@ LAYOUTS = {
                               "--set", "parallel.activation_checkpoint=true"],
 }
 DENSE = ["--set", "model.moe_every=0", "--set", "model.experts=1"]
+BF16 = {"zero0_bf16": DS + ["--set", "parallel.precision=bf16"],
+        "zero2_bf16": LAYOUTS["zero2"] + ["--set", "parallel.precision=bf16"]}
+DS_RUNS = {**LAYOUTS, **BF16, "zero3_dense": DS + ["--set", "parallel.zero_stage=3", *DENSE]}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,7 @@ def runs(tmp_path_factory):
                    parallel={"micro_batch": 2}, loss={"lm": 1.0, "z_loss": 0.001})
     (root / "r.toml").write_text(tomli_w.dumps(raw))
     todo = {"single": ["--set", "parallel.micro_batch=4"], "single_dense": ["--set", "parallel.micro_batch=4", *DENSE],
-            "zero3_dense": DS + ["--set", "parallel.zero_stage=3", *DENSE], **LAYOUTS}
+            **DS_RUNS}
     for name, args in todo.items():
         p = _rapid(str(root / "r.toml"), "--out", str(root / name), *args)
         assert p.returncode == 0, (name, p.stderr[-3000:])
@@ -55,12 +63,18 @@ def test_deepspeed_matches_one_process(runs, layout, baseline):
             assert _close(a["val_loss"], b["val_loss"], 1e-5), (layout, a["val_loss"], b["val_loss"])
 
 
-def test_bf16_trains(runs, tmp_path):
-    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["zero2"], "--set", "parallel.precision=bf16")
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = _metrics(tmp_path / "r")
+@pytest.mark.parametrize("layout", BF16)
+def test_bf16_trains(runs, layout):
+    rows = _metrics(runs / layout)
     assert all(r["loss"] == r["loss"] for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
     assert _close(rows[-1]["val_loss"], _metrics(runs / "single")[-1]["val_loss"], 1e-2)   # bf16 rounding
+
+
+def test_bf16_without_zero_trains_as_with_zero2(runs):
+    """Without ZeRO, DeepSpeed's FP16_UnfusedOptimizer creates the AdamW's state with a step on zero
+    gradients (weight decay applied, a step counted: 1% higher validation loss after 6 steps); undone."""
+    for a, b in zip(_metrics(runs / "zero0_bf16"), _metrics(runs / "zero2_bf16")):
+        assert _close(a["lm_loss"], b["lm_loss"], 1e-5), (a["step"], a["lm_loss"], b["lm_loss"])
 
 
 @pytest.mark.parametrize("source,target", [("zero2", ["--nproc", "2", "--set", "parallel.name=torch"]),
@@ -75,6 +89,61 @@ def test_resume_across_backends(runs, tmp_path, source, target):
     assert p.returncode == 0, p.stderr[-3000:]
     for a, b in zip(_metrics(out)[4:], _metrics(runs / source)[4:]):
         assert _close(a["loss"], b["loss"], 1e-5), (a["step"], a["loss"], b["loss"])
+
+
+STRIP = ("tokens_per_s", "peak_memory_bytes")
+
+
+@pytest.mark.parametrize("layout", ["zero0", "zero0_bf16", "zero2_bf16", "zero2_offload_ac", "zero3_dense"])
+def test_resume_equals_uninterrupted(runs, tmp_path, layout):
+    """Resumed from step 4 in the layout that wrote it, steps 5-6 are those of the uninterrupted run
+    bit for bit: fp32 masters (DeepSpeed's copies in bf16) and Adam states, also where a resume creates
+    them on ZeRO's flat partitions (offload keeps gradient buffers there, ZeRO-3 empties its groups).
+    (ZeRO-2 with expert parallelism: test_resume_across_backends loads into it.)"""
+    out = tmp_path / "r"
+    shutil.copytree(runs / layout, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    p = _rapid(str(runs / "r.toml"), "--out", str(out), "--resume", *DS_RUNS[layout])
+    assert p.returncode == 0 and "step_00000004" in p.stderr, p.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in STRIP} for r in rows]  # noqa: E731
+    assert strip(_metrics(out)) == strip(_metrics(runs / layout))
+
+
+# Injected through sitecustomize: an inf in one gradient of rank 1 at step 2 (after DeepSpeed reduced
+# them: only that rank sees it); each rank prints how many parameters its step moved.
+PROBE = textwrap.dedent("""
+    import os
+    if os.environ.get("RAPID_TEST_DS_INF"):
+        import torch
+        from rapid.builtin.parallel import deepspeed
+        real_step, calls = deepspeed.DeepSpeedEngine.step, [0]
+
+        def step(self):
+            calls[0] += 1
+            rank = int(os.environ["RANK"])
+            if calls[0] == 2 and rank == 1:
+                next(p for p in self.names if p.grad is not None).grad.view(-1)[0] = float("inf")
+            before = [p.detach().clone() for p in self.inner.parameters()]
+            stats = real_step(self)
+            moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, self.inner.parameters()))
+            print(f"[probe] step {calls[0]} rank {rank} moved {moved} skipped {stats['skipped']}", flush=True)
+            return stats
+        deepspeed.DeepSpeedEngine.step = step
+""")
+
+
+def test_fp32_without_zero_skips_a_non_finite_step_on_every_rank(runs, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(PROBE)
+    env = {"RAPID_TEST_DS_INF": "1",
+           "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["zero0"], "--set", "run.steps=3", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    probes = re.findall(r"\[probe\] step 2 rank (\d) moved (\d+) skipped (\w+)", p.stdout + p.stderr)
+    assert sorted(probes) == [("0", "0", "True"), ("1", "0", "True")], probes
+    rows = _metrics(tmp_path / "r")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert rows[2]["lr"] == rows[1]["lr"] != rows[0]["lr"]            # the schedule waited a step
 
 
 def test_user_json_is_merged(runs, tmp_path):
@@ -102,6 +171,10 @@ def test_switches_own_their_keys(tmp_path):
     assert merged["zero_optimization"] == {"overlap_comm": True, "stage": 2, "offload_optimizer": {"device": "cpu"}}
     assert merged["train_batch_size"] == 12 and merged["gradient_clipping"] == 0.5
     assert merged["steps_per_print"] == 5                       # not a switch: the JSON's value
+    # offload = false owns offload_optimizer too: the user's settings stay, it offloads nothing
+    merged = merged_config(_config(tmp_path, '{"zero_optimization": {"offload_optimizer": {"pin_memory": true}}}',
+                                   zero_stage=2), clip=1.0, world=2)
+    assert merged["zero_optimization"]["offload_optimizer"] == {"pin_memory": True, "device": "none"}
 
 
 @pytest.mark.parametrize("text,match", [
@@ -111,6 +184,12 @@ def test_switches_own_their_keys(tmp_path):
     ('{"train_micro_batch_size_per_gpu": 8, "fp16": {"enabled": true}}',
      r"train_micro_batch_size_per_gpu = 8 \(the switches say 2\); fp16.enabled = True"),
     ('{"optimizer": {"type": "Adam"}}', "has a 'optimizer' block; rapid's \\[optim\\] table sets"),
+    ('{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}',
+     r"zero_optimization.offload_optimizer.device = 'cpu' \(the switches say 'none'\)"),
+    ('{"zero_optimization": {"cpu_offload": true}}', "has zero_optimization.cpu_offload; the offload switch owns"),
+    ('{"bf16": true}', r"ds.json': bf16 must be a JSON object \(a block of settings\), not bool true"),
+    ('{"zero_optimization": {"offload_optimizer": "cpu"}}',
+     "zero_optimization.offload_optimizer must be a JSON object \\(a block of settings\\), not str \"cpu\""),
 ])
 def test_bad_json(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
@@ -120,3 +199,37 @@ def test_bad_json(tmp_path, text, match):
 def test_missing_json():
     with pytest.raises(UserError, match="cannot be read"):
         merged_config(DeepSpeed.Config(config="/no/such/ds.json"), clip=1.0, world=1)
+
+
+def test_fp16_loss_scaler_state_keeps_the_hysteresis():
+    """DeepSpeed's fp16 scaler under ZeRO (hysteresis 2) halves the scale at the second overflow; the
+    first leaves cur_hysteresis at 1, which a checkpoint must keep, or a resumed run halves a step late.
+    (fp16 itself needs a GPU: DeepSpeed's CPU accelerator refuses it.)"""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from rapid.builtin.parallel.deepspeed import load_scaler_state, scaler_state
+    make = lambda: DynamicLossScaler(2.0**16, 1000, 1, delayed_shift=2, consecutive_hysteresis=False)  # noqa: E731
+    run, resumed = make(), make()
+    run.cur_iter, run.last_overflow_iter, run.cur_hysteresis = 7, 6, 1        # after an overflow at iteration 6
+    load_scaler_state(resumed, json.loads(json.dumps(scaler_state(run))))   # through state.json
+    assert vars(resumed) == vars(run)
+
+
+def test_a_second_run_in_the_process_starts_clean(tmp_path, monkeypatch):
+    """close() releases DeepSpeed's process groups and communication backend and restores the
+    environment wrap set for its 1-process group: a second run (else: "Group ... is not registered")
+    trains exactly as the first."""
+    import importlib
+
+    from deepspeed.utils import groups
+    from rapid.train import train_raw
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    raw = tiny_raw(run={"steps": 2}, data=_text_data(tmp_path),
+                   parallel={"name": "deepspeed", "micro_batch": 2, "zero_stage": 2})
+    first = train_raw(raw, tmp_path / "a", progress=False)
+    assert importlib.import_module("deepspeed.comm.comm").cdb is None and groups._WORLD_GROUP is None
+    assert not any(key in os.environ for key in keys)
+    second = train_raw(raw, tmp_path / "b", progress=False)
+    strip = lambda row: {k: v for k, v in row.items() if k not in STRIP}  # noqa: E731
+    assert strip(second.final) == strip(first.final)
