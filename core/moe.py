@@ -18,10 +18,10 @@ from rapid.types import MoESpec, Router, Routing
 
 
 def apply_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, num_experts: int,
-                   capacity: int | None) -> Tensor:
-    """Keep at most ``capacity`` assignments per expert, those with the highest priority; the
-    others become -1 (entries that are already -1 stay -1 and take no slot). Two stable sorts,
-    linear memory: no [T, E, C] tensors."""
+                   capacity: int | Tensor | None) -> Tensor:
+    """Keep at most ``capacity`` assignments per expert (an int, or a long tensor [E] of each
+    expert's own), those with the highest priority; the others become -1 (entries that are already
+    -1 stay -1 and take no slot). Two stable sorts, linear memory: no [T, E, C] tensors."""
     if capacity is None:
         return expert_ids_TK
     flat = expert_ids_TK.reshape(-1)
@@ -32,6 +32,8 @@ def apply_capacity(expert_ids_TK: Tensor, priority_TK: Tensor, num_experts: int,
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     keep = torch.empty_like(flat, dtype=torch.bool)
+    if isinstance(capacity, Tensor):                                      # slot E: the dropped ones
+        capacity = torch.cat([capacity.to(key.device), capacity.new_zeros(1)])[key[order]]
     keep[order] = rank_in_expert < capacity
     return torch.where(keep & (flat >= 0), flat, -1).view_as(expert_ids_TK)
 

@@ -328,12 +328,13 @@ def _expand_preset(section: dict, source: str, registry, set_keys: dict) -> dict
 def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None, token_counts=None):
     """The recipe's model with its routers and kernels, on the current default device (``rapid run``
     and ``rapid plan`` build it on the meta device). Each router's ``MoESpec`` also carries the
-    vocabulary size, its layer, the domain names (``domains``, else ``[data] domains``) and the
-    training data's count of each token id (``token_counts``, when known)."""
+    vocabulary size, its layer, the domain names (``domains``, else ``[data] keep_domains`` or
+    ``domains``) and the training data's count of each token id (``token_counts``, when known)."""
     model_cls = registry.get("model", recipe.names["model"])
     router_cls = registry.get("router", recipe.names["router"])
     kernels = Kernels(registry, recipe.kernels.backend)
-    names = tuple(domains if domains is not None else getattr(recipe.data, "domains", ()) or ())
+    data = recipe.data
+    names = tuple(domains if domains is not None else getattr(data, "keep_domains", ()) or getattr(data, "domains", ()))
 
     def make_router(moe_index, spec):
         spec = dataclasses.replace(spec, vocab_size=getattr(recipe.model, "vocab_size", 0), domains=names,

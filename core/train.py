@@ -134,7 +134,8 @@ def check_run_dir(run_dir: Path, recipe: Recipe, resume: bool, overwrite: bool) 
     parent = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out {run_dir}: {parent} is not a writable directory")
-    if Path(recipe.path).resolve() == (run_dir / "recipe.toml").resolve():
+    # a run's own recipe.toml may be resumed (it is rewritten as the resumed run's record)
+    if Path(recipe.path).resolve() == (run_dir / "recipe.toml").resolve() and not resume:
         raise UserError(f"--out {run_dir} would overwrite the recipe {recipe.path} with the resolved one",
                         hint="use another --out, e.g. runs/<name>")
     used = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "checkpoints", run_dir / "recipe.toml") if p.exists()]

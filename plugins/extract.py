@@ -10,11 +10,14 @@ experts of those domains' groups and their rows of the routing table, expert ids
 (domains in their declared order). Optimizer states are sliced like their parameters, the step,
 LR schedule and data position are kept, so it loads like any checkpoint rapid wrote
 (``rapid.checkpoint.load``, ``rapid run DIR/recipe.toml --out DIR --resume``). DIR/recipe.toml and
-the checkpoint's recipe are the source recipe with ``[model] experts``, ``[data] domains`` and a
-non-empty ``[router.groups]`` shrunk accordingly, so ``rapid plan DIR/recipe.toml`` shows the
-smaller model. Fed tokens of those domains (their ids in the new ``[data] domains``), the sub-model
-computes the full model's logits whenever no token is dropped (capacity is per expert of the layer,
-so it differs once an expert overflows; ``dropless`` models agree always).
+the checkpoint's recipe are the source recipe with ``[model] experts`` and a non-empty
+``[router.groups]`` shrunk accordingly and ``[data] keep_domains`` set to the kept domains (the
+same data, tokenizer and split as the source run, training on those domains' documents only, their
+ids renumbered in that order), so ``rapid plan DIR/recipe.toml`` shows the smaller model and
+``rapid run DIR/recipe.toml --out DIR --resume --set run.steps=N`` continues training it. Fed tokens of those domains (their ids in the new ``[data] domains``), the sub-model
+computes the full model's logits: rre's capacity is per domain group, so the kept domains drop what
+they drop in the full model (``position`` and ``probs`` policies, or ``dropless``; ``random`` draws
+differ).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def extract(source: Path, domains: list[str], out: Path, registry=None) -> Path:
     if not issubclass(registry.get("router", router), RRERouter):
         raise UserError(f"checkpoint {ckpt} was written by a run with router {router!r}; extract needs 'rre' "
                         "(its experts are grouped by domain)")
-    declared = tuple(getattr(recipe.data, "domains", ()) or ())
+    declared = tuple(getattr(recipe.data, "keep_domains", ()) or getattr(recipe.data, "domains", ()) or ())
     wanted = list(dict.fromkeys(d.strip() for d in domains if d.strip()))
     unknown = [d for d in wanted if d not in declared]
     if unknown or not wanted:
@@ -116,7 +119,7 @@ def extract(source: Path, domains: list[str], out: Path, registry=None) -> Path:
         raise UserError(f"checkpoint {ckpt}: its model has no MoE layers with an [model] experts count")
     new = {t: dict(v) for t, v in raw.items()}
     new["model"]["experts"] = counts[0] if isinstance(raw["model"]["experts"], int) else counts
-    new["data"]["domains"] = keep
+    new["data"]["keep_domains"] = keep      # same data, tokenizer and split: only these domains' documents
     if new["router"].get("groups"):
         new["router"]["groups"] = {d: new["router"]["groups"][d] for d in keep}
     sub = resolve(new, str(out / "recipe.toml"), registry)

@@ -9,6 +9,7 @@ temporary name and renamed into place, and its arrays are loaded without pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +51,13 @@ class DataConfig:
     max_documents: NonNegative = 0    # 0 = all
     dedup: bool = True                # drop exact copies (same NFKC, whitespace-collapsed text)
     domains: list[str] = field(default_factory=list)  # domain ids in this order ([] = the data's, sorted)
+    keep_domains: list[str] = field(default_factory=list)  # train on these only, ids in this order ([] = all)
+
+    def __post_init__(self):
+        unknown = [d for d in self.keep_domains if self.domains and d not in self.domains]
+        if unknown or len(set(self.keep_domains)) < len(self.keep_domains):
+            raise ValueError(f"keep_domains {self.keep_domains} must name different declared domains "
+                             f"({', '.join(self.domains)})")
 
 
 class DocumentSource(DataSource):
@@ -64,7 +72,7 @@ class DocumentSource(DataSource):
         raise NotImplementedError
 
     def corpus(self, vocab_size: int) -> Corpus:
-        return prepare_corpus(self, vocab_size)
+        return keep_domains(prepare_corpus(self, vocab_size), self.config.keep_domains)
 
 
 def normalise(text: str) -> str:
@@ -137,6 +145,26 @@ def _load_tokenizer(path: Path, vocab_size: int) -> tuple[spm.SentencePieceProce
         raise UserError(f"tokenizer {path} has no end-of-document id (its eos_id is -1)",
                         hint='train it with an eos piece (e.g. --eos_id=1), or use [data] tokenizer = "" to train one')
     return sp, sp.eos_id()
+
+
+def keep_domains(corpus: Corpus, keep: list[str]) -> Corpus:
+    """Only the documents of the domains ``keep``, renumbered to their positions in it (an extracted
+    sub-model's data): the tokenizer, the split and the fingerprint stay those of the whole corpus."""
+    if not keep:
+        return corpus
+    unknown = [d for d in keep if d not in corpus.domains]
+    if unknown:
+        raise UserError(f"[data] keep_domains names {unknown[0]!r}, which is not a domain of the data",
+                        hint=f"its domains: {', '.join(corpus.domains)}")
+    new_id = np.full(len(corpus.domains), -1, dtype=np.int16)
+    new_id[[corpus.domains.index(d) for d in keep]] = np.arange(len(keep))
+    arrays = {}
+    for split in ("train", "val"):
+        ids = new_id[getattr(corpus, f"{split}_domains")]
+        arrays[f"{split}_tokens"], arrays[f"{split}_domains"] = getattr(corpus, f"{split}_tokens")[ids >= 0], ids[ids >= 0]
+        if not arrays[f"{split}_tokens"].size:
+            raise UserError(f"[data] keep_domains = {keep}: the {split} split holds no document of them")
+    return dataclasses.replace(corpus, domains=list(keep), **arrays)
 
 
 def _load_cached(root: Path, tok_path: Path, vocab_size: int) -> Corpus:

@@ -2,10 +2,11 @@
 experts choose their tokens instead of the tokens choosing experts.
 
 Scores S = softmax(x W_g) over the experts (fp32, the gate has no bias). Each expert takes the C
-tokens of the routed batch with the highest score for it, C = ``spec.capacity(T, training)`` =
-ceil(T * top_k / E * capacity_factor) floored at ``min_capacity`` and capped at T, so ``top_k *
-capacity_factor`` is the mean number of experts per token (the paper's capacity factor c: ``[model]
-capacity_factor = 2`` with ``top_k = 1`` is its EC-CF2). A token is taken by any number of experts,
+tokens of the routed batch with the highest score for it, C = ceil(T * top_k / E * capacity_factor)
+floored at ``min_capacity`` and capped at T, so ``top_k * capacity_factor`` is the mean number of
+experts per token (the paper's capacity factor c: ``[model] capacity_factor = 2`` with ``top_k = 1``
+is its EC-CF2). Evaluation uses the same C rule (``eval_capacity_factor`` is not used): the capacity
+factor sets the compute per token, and validation should measure the model as it trains. A token is taken by any number of experts,
 from none to all; its output is the sum of the chosen experts' outputs weighted by its scores for
 them. Perfect balance holds by construction (every expert processes exactly C tokens), so there is
 no load-balance loss; the ``z_loss`` term (ST-MoE's router z-loss) is offered as for top-1.
@@ -66,7 +67,7 @@ class ExpertChoiceRouter(Router):
         """Routing from fp32 logits (separate from ``forward`` so it can be checked in isolation)."""
         T, E = logits_TE.shape
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        C = min(T, self.spec.capacity(T, self.training))
+        C = min(T, self.spec.capacity(T, training=True))       # the same rule in evaluation
         token_EC = probs_TE.detach().t().topk(C, dim=1).indices            # each expert's C best tokens
         taken_TE = torch.zeros(T, E, dtype=torch.bool, device=logits_TE.device)
         taken_TE.scatter_(0, token_EC.t(), True)

@@ -4,12 +4,14 @@ the smaller model, and bad input is one clear error (exit 2) that writes nothing
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from rapid import checkpoint
 from rapid.builtin.extract import extract
+from rapid.builtin.parallel.single import persistent_buffers
 from rapid.cli import main
 from rapid.errors import UserError
 from rapid.moe import count_params
@@ -37,7 +39,7 @@ class WithBuffers:
 
     def checkpoint_state(self):
         tensors, extra = self.engine.checkpoint_state()
-        buffers = {f"model.{n}" for n, _ in self.engine.inner.named_buffers()}
+        buffers = set(persistent_buffers(self.engine.inner))
         assert buffers <= set(tensors), "the engine leaves out persistent buffers"
         return {k: v for k, v in tensors.items() if self.keep or k not in buffers}, extra
 
@@ -52,11 +54,11 @@ def engine(recipe, reg, seed):
     return WithBuffers(reg.strategy("single", recipe.parallel).wrap(model, optimizer_factory(recipe), 1.0))
 
 
-def write_run(root, reg, router="rapid.builtin.routers.rre:RRERouter", buffers=True, **router_keys):
+def write_run(root, reg, router="rapid.builtin.routers.rre:RRERouter", buffers=True, model=None, **router_keys):
     """A checkpoint (step 1) under root/checkpoints of a model with experts [4, 8] over three domains,
     its Adam moments random (as after training)."""
     raw = tiny_raw(router={"name": router, **router_keys}, data={"domains": DOMAINS},
-                   model={"experts": [4, 8], "dropless": True})
+                   model={"experts": [4, 8], "dropless": True, **(model or {})})
     recipe = resolve(raw, "<t>", reg)
     e = engine(recipe, reg, 0)
     for key, t in e.engine.checkpoint_state()[0].items():       # creates the optimizer state in place
@@ -73,18 +75,24 @@ def runs(tmp_path_factory, reg):
     root = tmp_path_factory.mktemp("runs")
     return {"even": write_run(root / "even", reg), "groups": write_run(root / "groups", reg, groups=GROUPS),
             "top1": write_run(root / "top1", reg, router="top1"),
-            "nobuf": write_run(root / "nobuf", reg, buffers=False)}
+            "nobuf": write_run(root / "nobuf", reg, buffers=False),
+            # capacity per group: the kept domains drop what they drop in the full model
+            "capped": write_run(root / "capped", reg, model={"dropless": False, "drop_policy": "position",
+                                                             "capacity_factor": 0.5, "eval_capacity_factor": 0.5,
+                                                             "min_capacity": 1})}
 
 
 @pytest.mark.parametrize("run, experts, kept_groups", [
     ("even", [3, 5], {}),                                     # even split: [2, 1, 1] and [3, 3, 2]
     ("groups", [2, 4], {"news": 1, "blog": 1}),
+    ("capped", [3, 5], {}),
 ])
 def test_sub_model_computes_the_full_models_logits(tmp_path, reg, runs, run, experts, kept_groups):
     full_ckpt, full_recipe = runs[run]
     path = extract(full_ckpt.parent.parent, ["blog", "news"], tmp_path / "sub", reg)
     sub = load_recipe(tmp_path / "sub" / "recipe.toml", registry=reg)
-    assert (sub.model.experts, sub.data.domains, sub.router.groups) == (experts, ["news", "blog"], kept_groups)
+    assert (sub.model.experts, sub.data.keep_domains, sub.router.groups) == (experts, ["news", "blog"], kept_groups)
+    assert sub.data.domains == DOMAINS                       # the same data and ids; training keeps two domains
     assert (path / "recipe.toml").read_text() == sub.to_toml()
     big, small = engine(full_recipe, reg, 1), engine(sub, reg, 2)       # other seeds: everything comes from the files
     checkpoint.load(full_ckpt, big)
@@ -164,3 +172,30 @@ def test_refuses_other_routers_and_checkpoints_without_tables(tmp_path, reg, run
     with pytest.raises(UserError, match="does not match its manifest"):
         extract(damaged, ["news"], tmp_path / "c", reg)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_an_extracted_run_continues_training_on_its_domains(tmp_path, monkeypatch):
+    """rapid run (rre over two text files = two domains) -> rapid extract one domain -> rapid run
+    DIR/recipe.toml --out DIR --resume: the sub-model trains on that domain's documents only."""
+    import random
+    import tomli_w
+    monkeypatch.chdir(tmp_path)
+    rnd = random.Random(0)
+    for name, words in (("news", "the cat sat on a mat"), ("review", "good bad fine great poor")):
+        Path(f"{name}.txt").write_text("\n".join(" ".join(rnd.choice(words.split()) for _ in range(20))
+                                                 for _ in range(200)))
+    raw = tiny_raw(run={"steps": 2, "eval_every": 0}, router={"name": "rre"},
+                   data={"name": "text", "paths": ["news.txt", "review.txt"], "per_line": True,
+                         "domains": ["news", "review"], "val_fraction": 0.1},
+                   model={"experts": [2, 4], "top_k": 1})
+    Path("r.toml").write_text(tomli_w.dumps(raw))
+    for argv in (["run", "r.toml", "--out", "full", "--no-progress"],
+                 ["extract", "full", "--domains", "review", "--out", "sub"],
+                 ["run", "sub/recipe.toml", "--out", "sub", "--resume", "--set", "run.steps=4", "--no-progress"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code in (0, None), argv
+    rows = [json.loads(line) for line in Path("sub/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-2:] == [3, 4] and "val_loss" in rows[-1]
+    state = json.loads(Path("sub/checkpoints/step_00000004/state.json").read_text())
+    assert state["data_id"]["domains"] == ["review"]

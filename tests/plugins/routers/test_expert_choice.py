@@ -43,11 +43,12 @@ def test_each_expert_takes_its_best_tokens(T, E, cf, k):
     assert set(out.losses) == {"z_loss"}
 
 
-def test_evaluation_uses_the_eval_capacity_factor():
+def test_evaluation_uses_the_training_capacity_factor():
+    """Validation measures the model as it trains: the same experts per token (not eval_capacity_factor)."""
     r = make(4, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=1)
     logits = torch.randn(40, 4)
     assert r.route(logits).stats["capacity"] == 10
-    assert r.eval().route(logits).stats["capacity"] == 20
+    assert r.eval().route(logits).stats["capacity"] == 10
 
 
 def test_in_a_moe_layer_a_token_sums_its_experts_and_unrouted_tokens_get_zero():

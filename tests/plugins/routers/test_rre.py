@@ -69,11 +69,27 @@ def test_tables_per_layer_seed_and_materialisation():
     assert torch.equal(m.expert_DV, b.expert_DV) and "expert_DV" in m.state_dict()
 
 
-def test_capacity_is_per_expert_of_the_layer():
-    r = make(dropless=False, capacity_factor=1.0, min_capacity=1, drop_policy="position").train()
-    first = int(torch.nonzero(r.expert_DV[1] == 2)[0])            # review's first expert is 2
-    out = r(torch.zeros(8, 8), token_ids_T=torch.full((8,), first), domain_ids_T=torch.ones(8, dtype=torch.long))
-    assert out.expert_ids_TK[:, 0].tolist() == [2, 2] + [-1] * 6   # capacity ceil(8 / 4) = 2
+def test_capacity_is_per_group_from_the_domains_tokens():
+    """8 review tokens (a group of 1 expert) and 4 news tokens (2 experts), capacity factor 0.5: each
+    review expert keeps ceil(8 / 1 * 0.5) = 4, each news expert ceil(4 / 2 * 0.5) = 1 (the layer-wide
+    rule would give every expert ceil(12 / 4 * 0.5) = 2)."""
+    r = make(dropless=False, capacity_factor=0.5, min_capacity=1, drop_policy="position").train()
+    review_tok = int(torch.nonzero(r.expert_DV[1] == 2)[0])            # review's only expert is 2
+    news_tok = int(torch.nonzero(r.expert_DV[0] == 0)[0])              # news: experts 0 and 1
+    tokens = torch.tensor([review_tok] * 8 + [news_tok] * 4)
+    domains = torch.tensor([1] * 8 + [0] * 4)
+    out = r(torch.zeros(12, 8), token_ids_T=tokens, domain_ids_T=domains).expert_ids_TK[:, 0]
+    assert out.tolist() == [2] * 4 + [-1] * 4 + [0] + [-1] * 3
+    assert r.capacity(domains).tolist() == [1, 1, 4, 1]                 # blog: no tokens, min_capacity
+    assert make(dropless=True).capacity(domains) is None
+
+
+def test_apply_capacity_takes_one_capacity_per_expert():
+    from rapid.moe import apply_capacity
+    ids = torch.tensor([[0], [0], [1], [1], [1], [-1], [2]])
+    prio = -torch.arange(7.0)[:, None]
+    out = apply_capacity(ids, prio, 3, torch.tensor([1, 2, 0]))
+    assert out[:, 0].tolist() == [0, -1, 1, 1, -1, -1, -1]
 
 
 def test_subset_renumbers_experts_and_keeps_the_routing():
