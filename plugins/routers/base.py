@@ -30,7 +30,12 @@ all-gathers the tokens of every data-parallel worker and solves one global probl
 shuffle of tokens across workers, which a single process does not need); each rank's tokens are
 balanced exactly, so the global load is balanced too. The affinity uses the block's normalised hidden
 state (the router's input), fairseq the un-normalised one. fairseq's auction is approximate (a
-fixed eps of range/50, then a greedy finish after 100 rounds); this one is eps-optimal (see below).
+fixed eps of range/50, then a greedy finish after 100 rounds); this one is eps-optimal (see below)
+within a budget of ``max_rounds`` rounds per layer and step (default 500): when the budget runs out
+it returns the last eps phase that completed (eps-optimal for that coarser eps) and logs
+``auction_rounds`` and ``auction_eps`` (eps of the returned assignment over the affinity range). Non-
+finite affinities (a diverged model) fall back to the argmax: the loss is not finite either, and the
+training loop skips or stops as for any router.
 
 The solver. scipy's Hungarian ``linear_sum_assignment`` is not a dependency of rapid and would need
 the T x T expanded matrix and O(T^3) time on the host; a Sinkhorn relaxation would need a
@@ -61,12 +66,14 @@ from rapid.types import MoESpec, Router, Routing
 
 @torch.no_grad()
 def balanced_assignment(scores_TE: Tensor, tolerance: float = 1e-3, scaling: float = 8.0,
-                        max_rounds: int = 10_000) -> Tensor:
+                        max_rounds: int = 10_000, info: dict | None = None) -> Tensor:
     """The expert of each token (long [T]) maximising sum_t scores[t, e(t)] with at most ceil(T/E)
-    tokens per expert (exactly T/E when E divides T): within ``T * tolerance * range(scores)`` of the
-    optimum. eps-scaling auction (see the module docstring): eps starts at range/4 and is divided by
-    ``scaling`` per phase, prices carry over between phases. After ``max_rounds`` rounds in all (a
-    safety net that the tests never reach) the tokens still unassigned fill the free slots in order."""
+    tokens per expert (exactly T/E when E divides T): within ``T * eps`` of the optimum. eps-scaling
+    auction (see the module docstring): eps starts at range/4 and is divided by ``scaling`` per phase,
+    prices carry over between phases, until eps = ``tolerance * range``. After ``max_rounds`` rounds
+    in all, the last phase that completed is returned (its eps is coarser); if none did, a greedy
+    finish. ``info`` (a dict) receives ``rounds`` and ``eps`` (of the returned assignment, over the
+    range of the scores)."""
     T, E = scores_TE.shape
     if E == 1 or T == 0:
         return scores_TE.new_zeros(T, dtype=torch.long)
@@ -79,12 +86,15 @@ def balanced_assignment(scores_TE: Tensor, tolerance: float = 1e-3, scaling: flo
     span = float(hi - lo)
     if not math.isfinite(span):
         raise ValueError("balanced_assignment: scores are not finite")
-    span = max(span, 1e-6)
+    if span == 0:                                      # all equal: every balanced assignment is optimal
+        if info is not None:
+            info.update(rounds=0, eps=0.0)
+        return torch.arange(T, device=scores_TE.device) % E
     final = span * max(tolerance, 1e-6)                # fp32 prices: finer steps would not register
     eps = max(span / 4, final)
     price_N = a_EN.new_zeros(N)
     experts_E1 = torch.arange(E, device=a_EN.device)[:, None]
-    rounds = 0
+    rounds, best, best_eps = 0, None, math.inf
     while True:
         owner_N = torch.full((N,), -1, dtype=torch.long, device=a_EN.device)
         deficit_E = torch.full((E,), C, dtype=torch.long, device=a_EN.device)
@@ -100,13 +110,30 @@ def balanced_assignment(scores_TE: Tensor, tolerance: float = 1e-3, scaling: flo
             owner_N = torch.where(won, winner_N, owner_N)
             deficit_E = C - torch.bincount(owner_N.clamp_min(0), weights=(owner_N >= 0).float(), minlength=E).long()
             rounds += 1
+        if k == 0:                                    # this phase completed: eps-optimal for its eps
+            best, best_eps = owner_N, eps
         if rounds >= max_rounds or eps <= final:
             break
         eps = max(eps / scaling, final)
-    if rounds >= max_rounds:   # fill the free slots with the unassigned tokens, in order
-        free = torch.repeat_interleave(torch.arange(E, device=a_EN.device), deficit_E.clamp_min(0))
-        owner_N[owner_N < 0] = free
-    return owner_N[:T]
+    if best is None:
+        best = _greedy_finish(a_EN, owner_N, C)
+    if info is not None:
+        info.update(rounds=rounds, eps=best_eps / span)
+    return best[:T]
+
+
+def _greedy_finish(a_EN: Tensor, owner_N: Tensor, C: int) -> Tensor:
+    """Assign the tokens still unassigned: each to its best expert with room, an expert over-asked
+    keeping its best bidders (at most E + 1 passes: each fills an expert or places every token)."""
+    from rapid.moe import apply_capacity
+    E = a_EN.shape[0]
+    while bool((owner_N < 0).any()):
+        deficit_E = C - torch.bincount(owner_N.clamp_min(0), weights=(owner_N >= 0).float(), minlength=E).long()
+        choice_N = a_EN.masked_fill(deficit_E[:, None] <= 0, -math.inf).argmax(0)
+        ids_N1 = torch.where(owner_N < 0, choice_N, -1)[:, None]
+        kept_N = apply_capacity(ids_N1, a_EN.gather(0, choice_N[None]).t(), E, deficit_E)[:, 0]
+        owner_N = torch.where(kept_N >= 0, kept_N, owner_N)
+    return owner_N
 
 
 class BaseRouter(Router):
@@ -115,7 +142,7 @@ class BaseRouter(Router):
     @dataclass
     class Config:
         tolerance: Annotated[float, Field(gt=0, le=0.1)] = 1e-3   # auction: mean affinity within this x range of optimal
-        max_rounds: Annotated[int, Field(gt=0)] = 10_000          # auction rounds per layer and step before a greedy finish
+        max_rounds: Annotated[int, Field(gt=0)] = 500             # auction rounds per layer and step (then the last complete phase)
 
     def __init__(self, config: Config, spec: MoESpec):
         super().__init__(config, spec)
@@ -137,14 +164,19 @@ class BaseRouter(Router):
 
     def route(self, affinity_TE: Tensor) -> Routing:
         """Routing from fp32 affinities (separate from ``forward`` so it can be checked in isolation)."""
-        if self.training:
-            expert_T = balanced_assignment(affinity_TE, self.config.tolerance, max_rounds=self.config.max_rounds)
+        info, stats = {}, {}
+        if not bool(torch.isfinite(affinity_TE).all()):    # a diverged model: the loss is not finite either,
+            expert_T = torch.nan_to_num(affinity_TE.detach()).argmax(dim=-1)   # and the loop skips or stops
+        elif self.training:
+            expert_T = balanced_assignment(affinity_TE, self.config.tolerance, max_rounds=self.config.max_rounds,
+                                           info=info)
+            stats = {"auction_rounds": float(info.get("rounds", 0)), "auction_eps": float(info.get("eps", 0.0))}
         else:
             expert_T = affinity_TE.detach().argmax(dim=-1)
         expert_ids_T1 = expert_T[:, None]
         return Routing(expert_ids_TK=expert_ids_T1,
                        weights_TK=torch.sigmoid(affinity_TE.gather(1, expert_ids_T1)),
-                       logits_TE=affinity_TE)
+                       logits_TE=affinity_TE, stats=stats)
 
 
 @hookimpl

@@ -91,3 +91,34 @@ def test_refuses_top_k_2_and_bad_options(builtin_registry, tmp_path):
     from tests.conftest import tiny_raw
     with pytest.raises(UserError, match="tolerance' must be less than or equal to 0.1"):
         resolve(tiny_raw(router={"name": "base", "tolerance": 0.5}, model={"top_k": 1}), "x.toml", builtin_registry)
+
+
+def test_out_of_rounds_returns_the_last_complete_phase_or_a_greedy_finish():
+    """Every token prefers expert 0 and one outlier stretches the range: with few rounds the result
+    is still balanced, and no worse than its phase's bound (the last complete phase), or a greedy
+    finish when even the first phase did not complete."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(512, 8, generator=g) * 0.1
+    scores[:, 0] += 1.0
+    scores[0, 3] = 50.0
+    full_info, capped_info, greedy_info = {}, {}, {}
+    full = balanced_assignment(scores, tolerance=1e-3, info=full_info)
+    capped = balanced_assignment(scores, tolerance=1e-3, max_rounds=40, info=capped_info)
+    greedy = balanced_assignment(scores, tolerance=1e-4, max_rounds=1, info=greedy_info)
+    value = lambda out: float(scores[torch.arange(512), out].sum())          # noqa: E731
+    for out in (full, capped, greedy):
+        assert torch.equal(torch.bincount(out, minlength=8), torch.full((8,), 64))
+    assert capped_info["rounds"] == 40 and capped_info["eps"] > full_info["eps"]
+    span = float(scores.max() - scores.min())
+    assert value(capped) >= value(full) - 512 * capped_info["eps"] * span
+    assert greedy_info["eps"] == math.inf and int(greedy[0]) == 3            # the outlier kept its expert
+    assert value(greedy) > value(torch.arange(512) % 8)                      # better than dealing in order
+
+
+def test_non_finite_affinities_route_without_raising():
+    r = router()
+    affinity = torch.randn(16, 4)
+    affinity[3, 1] = float("nan")
+    out = r.route(affinity)
+    assert out.expert_ids_TK.shape == (16, 1) and out.stats == {}          # no auction on NaN
+    assert r.route(torch.randn(16, 4)).stats["auction_rounds"] > 0
