@@ -297,6 +297,8 @@ def resolve(raw: dict, source: str, registry=None, set_keys: dict[tuple[str, str
         if key not in loss_names:
             raise UserError(f"{via}{source} [loss]: unknown loss term {key!r}; valid: {', '.join(sorted(loss_names))}")
         loss[key] = check_value(value, LossWeight, f"{via}{source} [loss] key {key!r}")
+    for term, weight in getattr(registry.get("router", names["router"]), "default_losses", {}).items():
+        loss.setdefault(term, weight)               # the router's own term is on unless [loss] sets it (0 = off)
     if loss.get("lm", 0) <= 0:
         raise UserError(f"{source} [loss]: the lm term needs a positive weight", hint="add lm = 1.0 to [loss]")
     return Recipe(source, fixed["run"], fixed["optim"], fixed["kernels"], loss, names, plugin, raw.get("sweep", {}))

@@ -103,10 +103,13 @@ class Router(nn.Module):
     ``honors_capacity``: no expert keeps more than ``spec.capacity(T, training)`` assignments (the
     contract tests check it; routers with their own balance rule, such as expert choice, say False).
     ``needs_previous_tokens``: ``forward`` also gets ``prev_token_ids_T``, each token's predecessor in
-    its sequence (-1 at a sequence start). Parameters and persistent buffers are checkpointed with
-    the model; ``reset_parameters()``, if defined, initialises them after materialisation."""
+    its sequence (-1 at a sequence start). ``default_losses``: weights of the router's own loss terms
+    (``Routing.losses``) when the recipe's ``[loss]`` does not set them. Parameters and persistent
+    buffers are checkpointed with the model; ``reset_parameters()``, if defined, initialises them
+    after materialisation."""
     honors_capacity: ClassVar[bool] = True
     needs_previous_tokens: ClassVar[bool] = False
+    default_losses: ClassVar[dict[str, float]] = {}   # the router's own loss terms: weight unless [loss] sets one
 
     @dataclass
     class Config:

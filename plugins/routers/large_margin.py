@@ -18,7 +18,8 @@ same for the raw margin). The loss term ``large_margin`` is
 
     mean over tokens of  sum over the m competitors of  max(0, gamma - d_j)
 
-(the paper's ``sum`` aggregation over the chosen classes), weighted by ``[loss] large_margin``; its
+(the paper's ``sum`` aggregation over the chosen classes), weighted by ``[loss] large_margin``
+(0.01 unless the recipe sets it; 0 turns it off); its
 gradient reaches the gate weights and, through h, the layers below (the paper's margin is also
 enforced on hidden representations). Scale of ``gamma``: h is post-LayerNorm, so normalised l2
 distances are O(1); l-inf distances are about sqrt(hidden) times smaller, raw margins are in logits.
@@ -63,6 +64,8 @@ def margin_distances(logits_TE: Tensor, weight_ED: Tensor, chosen_T: Tensor, nor
 
 
 class LargeMarginRouter(Top1Router):
+    default_losses = {"large_margin": 0.01}
+
     @dataclass
     class Config(Top1Router.Config):
         gamma: Annotated[float, Field(gt=0)] = 1.0      # the margin, in the units of ``margin``/``norm``

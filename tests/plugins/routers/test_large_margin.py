@@ -141,3 +141,17 @@ def test_bad_options():
             build_config(LargeMarginRouter.Config, {key: value}, "[router]", {})
     cfg = build_config(LargeMarginRouter.Config, {"gamma": 2, "norm": "linf", "jitter": 0.01}, "[router]", {})
     assert (cfg.gamma, cfg.norm, cfg.jitter) == (2.0, "linf", 0.01)
+
+
+def test_the_margin_term_is_on_unless_the_recipe_sets_it(builtin_registry):
+    from rapid.recipe import resolve
+    from tests.conftest import tiny_raw
+    explicit = {"lm": 1.0, "load_balance": 0.1}
+    assert resolve(tiny_raw(router={"name": "large_margin"}, model={"top_k": 1}), "x", builtin_registry).loss[
+        "large_margin"] == 0.01
+    assert resolve(tiny_raw(router={"name": "large_margin"}, model={"top_k": 1}, loss=explicit), "x",
+                   builtin_registry).loss == {**explicit, "large_margin": 0.01}
+    off = resolve(tiny_raw(router={"name": "large_margin"}, model={"top_k": 1}, loss={**explicit, "large_margin": 0.0}),
+                  "x", builtin_registry)
+    assert off.loss["large_margin"] == 0.0
+    assert "large_margin" not in resolve(tiny_raw(), "x", builtin_registry).loss
