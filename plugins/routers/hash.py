@@ -13,10 +13,12 @@ independently for every MoE layer (a generator seeded by one draw of the torch R
   ids. Needs the corpus's token counts in ``spec.token_counts`` (filled by the training loop);
   without them the router refuses to be materialised (``rapid plan`` builds on the meta device and
   does not need them).
-- ``bigram``: the paper's "Bigram Hash" of (previous, current) token as simple tabulation hashing,
-  ``(table[cur] + shift[prev]) mod E`` with ``table`` the balanced ``random`` table and ``shift`` a
-  uniform random offset per previous id (0 at a sequence start), so every previous token deals the
-  vocabulary as evenly as ``random`` does. The paper does not specify its hash function.
+- ``bigram``: the paper's "Bigram Hash" of (previous, current) token: random 31-bit words per current
+  and per previous id (tabulation), XORed and mixed by a multiplication modulo the prime 2^31 - 1,
+  then reduced mod E. A random function of the pair: which tokens share an expert changes with the
+  previous token, and each previous token deals the vocabulary uniformly in expectation (not to
+  within one id, as ``random`` does). A sequence start has its own word. The paper does not specify
+  its hash function.
 
 Faithfulness: one expert per token (``top_k`` = 1, as in the paper). The paper routes every token
 (no capacity); here capacity is honoured like every rapid router (``[model] dropless = true`` gives
@@ -69,6 +71,9 @@ def frequency_table(counts_V: Tensor, experts: int, gen: torch.Generator) -> Ten
     return torch.tensor(table, dtype=torch.long)
 
 
+_PRIME, _MULT = 2**31 - 1, 0x5BD1E995        # bigram mixing: a 31-bit word times a 31-bit odd constant mod a prime
+
+
 class HashRouter(Router):
     @dataclass
     class Config:
@@ -84,9 +89,11 @@ class HashRouter(Router):
                             hint="build the model with rapid.recipe.build_model")
         self.needs_previous_tokens = config.variant == "bigram"
         V = spec.vocab_size
-        self.register_buffer("table_V", torch.zeros(V, dtype=torch.long))
-        if self.needs_previous_tokens:   # index prev + 1: 0 is a sequence start
-            self.register_buffer("shift_V1", torch.zeros(V + 1, dtype=torch.long))
+        if self.needs_previous_tokens:   # words of current and previous ids (index prev + 1: 0 is a start)
+            self.register_buffer("word_V", torch.zeros(V, dtype=torch.long))
+            self.register_buffer("word_V1", torch.zeros(V + 1, dtype=torch.long))
+        else:
+            self.register_buffer("table_V", torch.zeros(V, dtype=torch.long))
         self.reset_parameters()
 
     def token_counts(self) -> Tensor:
@@ -107,25 +114,28 @@ class HashRouter(Router):
     def reset_parameters(self) -> None:
         """Draw this layer's table (a generator seeded by one draw of the global RNG + the layer)."""
         base = int(torch.randint(0, 2**62, (1,), device="cpu"))
-        if self.table_V.device.type == "meta":   # built to be planned or materialised later
+        if next(self.buffers()).device.type == "meta":   # built to be planned or materialised later
             return
         gen = torch.Generator().manual_seed(base + self.spec.layer)
         V, E = self.spec.vocab_size, self.spec.num_experts
-        if self.config.variant == "frequency":
-            table = frequency_table(self.token_counts(), E, gen)
-        else:
-            table = balanced_table(V, E, gen)
-        self.table_V.copy_(table)
         if self.needs_previous_tokens:
-            shift = torch.randint(0, E, (V + 1,), generator=gen)
-            shift[0] = 0
-            self.shift_V1.copy_(shift)
+            self.word_V.copy_(torch.randint(0, 2**31, (V,), generator=gen))
+            self.word_V1.copy_(torch.randint(0, 2**31, (V + 1,), generator=gen))
+        elif self.config.variant == "frequency":
+            self.table_V.copy_(frequency_table(self.token_counts(), E, gen))
+        else:
+            self.table_V.copy_(balanced_table(V, E, gen))
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor,
                 prev_token_ids_T: Tensor | None = None) -> Routing:
-        expert_T = self.table_V[token_ids_T]
         if self.needs_previous_tokens:
-            expert_T = (expert_T + self.shift_V1[prev_token_ids_T + 1]) % self.spec.num_experts
+            if prev_token_ids_T is None:
+                raise UserError("router 'hash' variant 'bigram' needs each token's previous token "
+                                "(prev_token_ids_T), and the model did not pass it")
+            mixed_T = (self.word_V[token_ids_T] ^ self.word_V1[prev_token_ids_T + 1]) * _MULT % _PRIME  # < 2**62
+            expert_T = mixed_T % self.spec.num_experts
+        else:
+            expert_T = self.table_V[token_ids_T]
         ones_T1 = torch.ones(expert_T.shape[0], 1, device=x_TD.device, dtype=torch.float32)
         capacity = self.spec.capacity(expert_T.shape[0], self.training)
         expert_ids_T1 = apply_capacity(expert_T[:, None], drop_priority(self.spec.drop_policy, ones_T1),

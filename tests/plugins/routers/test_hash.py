@@ -64,7 +64,7 @@ def test_materialised_from_meta():
     r.to_empty(device="cpu")
     torch.manual_seed(0)
     r.reset_parameters()
-    assert torch.equal(r.table_V, make("bigram").table_V) and torch.equal(r.shift_V1, make("bigram").shift_V1)
+    assert torch.equal(r.word_V, make("bigram").word_V) and torch.equal(r.word_V1, make("bigram").word_V1)
 
 
 def naive_frequency(counts, E, seed):
@@ -119,18 +119,26 @@ def test_frequency_without_statistics(builtin_registry):
         make("frequency", token_counts=list(range(1001)))
 
 
-def test_bigram_is_tabulation_hashing_balanced_for_every_previous_token():
+def test_bigram_hashes_the_pair():
     r = make("bigram", num_experts=5)
     assert r.needs_previous_tokens and not make().needs_previous_tokens
     cur, prev = torch.randint(0, 1000, (400,)), torch.randint(-1, 1000, (400,))
     got = route(r, cur, prev).expert_ids_TK[:, 0].tolist()
-    assert got == [(int(r.table_V[c]) + int(r.shift_V1[p + 1])) % 5 for c, p in zip(cur, prev)]
-    start = route(r, cur, torch.full_like(cur, -1)).expert_ids_TK[:, 0]
-    assert torch.equal(start, r.table_V[cur])                            # a sequence start: the unigram hash
-    for p in (0, 17, 999):                                               # each predecessor deals the vocabulary evenly
-        ids = route(r, torch.arange(1000), torch.full((1000,), p)).expert_ids_TK[:, 0]
-        assert set(torch.bincount(ids, minlength=5).tolist()) == {200}
+    want = [((int(r.word_V[c]) ^ int(r.word_V1[p + 1])) * 0x5BD1E995 % (2**31 - 1)) % 5 for c, p in zip(cur, prev)]
+    assert got == want
+    by_prev = {}
+    for p in (-1, 0, 17, 999):                      # each predecessor deals the vocabulary about evenly
+        by_prev[p] = route(r, torch.arange(1000), torch.full((1000,), p)).expert_ids_TK[:, 0]
+        loads = torch.bincount(by_prev[p], minlength=5)
+        assert int(loads.min()) > 140 and int(loads.max()) < 260, loads                 # 200 +- 4.7 sigma
+    # which tokens share an expert changes with the predecessor (not E clusters rotated)
+    same_a = by_prev[0][:, None] == by_prev[0][None, :]
+    same_b = by_prev[17][:, None] == by_prev[17][None, :]
+    together = float((same_a & same_b).sum() - 1000) / float(same_a.sum() - 1000)
+    assert 0.1 < together < 0.3                                                     # about 1/E, not 1
     assert len(set(route(r, torch.full((1000,), 3), torch.arange(1000)).expert_ids_TK[:, 0].tolist())) == 5
+    with pytest.raises(UserError, match="needs each token's previous token"):
+        r(torch.zeros(4, 8), token_ids_T=cur[:4], domain_ids_T=cur[:4])
 
 
 def test_capacity_keeps_the_earliest_tokens_with_position_policy():
@@ -151,10 +159,13 @@ def test_refuses_top_k_2_and_a_missing_vocabulary():
 def test_recipe_variant_and_layers_of_a_model(builtin_registry):
     from rapid.recipe import build_model, resolve
     from tests.conftest import tiny_raw
-    raw = tiny_raw(router={"name": "rapid.builtin.routers.hash:HashRouter", "variant": "bigram"})
+    raw = tiny_raw(router={"name": "rapid.builtin.routers.hash:HashRouter"})
     model = build_model(resolve(raw, "<t>", builtin_registry), builtin_registry)
     t0, t1 = (b.moe.router.table_V for b in model.blocks)
     assert not torch.equal(t0, t1) and int(t1.max()) == 3          # experts [2, 4]: layer 1 has 4
+    raw["router"]["variant"] = "bigram"
+    model = build_model(resolve(raw, "<t>", builtin_registry), builtin_registry)
+    assert not torch.equal(*(b.moe.router.word_V for b in model.blocks))
     with pytest.raises(UserError, match="'variant' is 'hashed'; valid: random, frequency, bigram"):
         resolve(tiny_raw(router={"name": "rapid.builtin.routers.hash:HashRouter", "variant": "hashed"}), "<t>",
                 builtin_registry)
