@@ -26,6 +26,7 @@ import json
 import pickle
 import tomllib
 from pathlib import Path
+from typing import List
 
 import torch
 import typer
@@ -63,10 +64,11 @@ def _checkpoint_dir(path: Path) -> Path:
     path = Path(path)
     if (path / "manifest.json").exists():
         return path
-    found = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-    if not found:
-        raise UserError(f"{path} is neither a checkpoint (no manifest.json) nor a run directory with one")
-    return found[-1]
+    found, skipped = checkpoint.find_resumable(path / "checkpoints") if (path / "checkpoints").is_dir() else (None, [])
+    if found is None:
+        raise UserError(f"{path} is neither a checkpoint (no manifest.json) nor a run directory with a complete one"
+                        + (f" ({skipped[0]})" if skipped else ""))
+    return found
 
 
 def extract(source: Path, domains: list[str], out: Path, registry=None) -> Path:
@@ -132,7 +134,7 @@ def extract(source: Path, domains: list[str], out: Path, registry=None) -> Path:
     keys = {k: v for k, v in state.items() if k not in ("engine", "world_size")}
     if isinstance(keys.get("data_id"), dict):
         keys["data_id"] = {**keys["data_id"], "domains": keep}
-    keys["extracted"] = {"from": str(ckpt), "domains": keep}
+    keys["extracted"] = {"from": str(ckpt.resolve()), "domains": keep}
     meta = {"layout": {"strategy": "extract", "world_size": 1, "expert_parallel": 1},
             "params": count_params(small, getattr(sub.model, "top_k", 1))}
     path = checkpoint.save(out / "checkpoints", int(state["step"]), _Saved(tensors, state["engine"]), keys,
@@ -148,10 +150,11 @@ def rapid_add_commands(app):
             ctx: typer.Context,
             source: Path = typer.Argument(..., metavar="CHECKPOINT", help="a checkpoint (step_*) or a run directory "
                                           "of a run with the rre router"),
-            domains: str = typer.Option(..., "--domains", help="the domains to keep, comma-separated"),
+            domains: List[str] = typer.Option(..., "--domains", help="the domains to keep, comma-separated "
+                                              "(repeatable)"),
             out: Path = typer.Option(..., "--out", help="a new run directory for the extracted checkpoint")):
         """Sub-model extraction (PanGu-Sigma): the shared layers plus only some domains' experts."""
-        path = extract(source, domains.split(","), out, ctx.obj)
+        path = extract(source, [d for item in domains for d in item.split(",")], out, ctx.obj)
         params = json.loads((path / "manifest.json").read_text())["params"]
         typer.echo(f"extracted {params['params_total']:,} parameters ({params['params_expert']:,} in experts) "
                    f"-> {path}")
