@@ -94,50 +94,63 @@ def test_resume_across_backends(runs, tmp_path, source, target):
 STRIP = ("tokens_per_s", "peak_memory_bytes")
 
 
-@pytest.mark.parametrize("layout", ["zero0", "zero0_bf16", "zero2_bf16", "zero2_offload_ac", "zero3_dense"])
-def test_resume_equals_uninterrupted(runs, tmp_path, layout):
-    """Resumed from step 4 in the layout that wrote it, steps 5-6 are those of the uninterrupted run
-    bit for bit: fp32 masters (DeepSpeed's copies in bf16) and Adam states, also where a resume creates
-    them on ZeRO's flat partitions (offload keeps gradient buffers there, ZeRO-3 empties its groups).
-    (ZeRO-2 with expert parallelism: test_resume_across_backends loads into it.)"""
-    out = tmp_path / "r"
-    shutil.copytree(runs / layout, out)
-    shutil.rmtree(out / "checkpoints" / "step_00000006")
-    p = _rapid(str(runs / "r.toml"), "--out", str(out), "--resume", *DS_RUNS[layout])
-    assert p.returncode == 0 and "step_00000004" in p.stderr, p.stderr[-3000:]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in STRIP} for r in rows]  # noqa: E731
-    assert strip(_metrics(out)) == strip(_metrics(runs / layout))
-
-
-# Injected through sitecustomize: an inf in one gradient of rank 1 at step 2 (after DeepSpeed reduced
-# them: only that rank sees it); each rank prints how many parameters its step moved.
+# Injected through sitecustomize. RAPID_TEST_DS_PROBE=inf: an inf in one gradient of rank 1 at step 2
+# (after DeepSpeed reduced them: only that rank sees it), and each rank prints how many parameters its
+# step moved. Always: whether the engine still holds the checkpoint's gathered tensors after a load.
 PROBE = textwrap.dedent("""
     import os
-    if os.environ.get("RAPID_TEST_DS_INF"):
+    if os.environ.get("RAPID_TEST_DS_PROBE"):
         import torch
         from rapid.builtin.parallel import deepspeed
-        real_step, calls = deepspeed.DeepSpeedEngine.step, [0]
+        engine, calls = deepspeed.DeepSpeedEngine, [0]
+        real_step, real_load = engine.step, engine.load_extra_state
 
         def step(self):
             calls[0] += 1
             rank = int(os.environ["RANK"])
-            if calls[0] == 2 and rank == 1:
+            if os.environ["RAPID_TEST_DS_PROBE"] == "inf" and calls[0] == 2 and rank == 1:
                 next(p for p in self.names if p.grad is not None).grad.view(-1)[0] = float("inf")
             before = [p.detach().clone() for p in self.inner.parameters()]
             stats = real_step(self)
             moved = sum(not torch.equal(b, p.detach()) for b, p in zip(before, self.inner.parameters()))
             print(f"[probe] step {calls[0]} rank {rank} moved {moved} skipped {stats['skipped']}", flush=True)
             return stats
-        deepspeed.DeepSpeedEngine.step = step
+
+        def load_extra_state(self, extra):
+            real_load(self, extra)
+            print(f"[probe] after the load, gathered tensors held: {self._template is not None}", flush=True)
+        engine.step, engine.load_extra_state = step, load_extra_state
 """)
 
 
-def test_fp32_without_zero_skips_a_non_finite_step_on_every_rank(runs, tmp_path):
+@pytest.fixture
+def probe(tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(PROBE)
-    env = {"RAPID_TEST_DS_INF": "1",
-           "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["zero0"], "--set", "run.steps=3", env=env)
+    return lambda what: {"RAPID_TEST_DS_PROBE": what,
+                         "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+@pytest.mark.parametrize("layout", ["zero0", "zero0_bf16", "zero2_bf16", "zero2_offload_ac", "zero3_dense"])
+def test_resume_equals_uninterrupted(runs, tmp_path, probe, layout):
+    """Resumed from step 4 in the layout that wrote it, steps 5-6 are those of the uninterrupted run
+    bit for bit: fp32 masters (DeepSpeed's copies in bf16) and Adam states, also where a resume creates
+    them on ZeRO's flat partitions (offload keeps gradient buffers there, ZeRO-3 empties its groups);
+    the gathered copies are not kept after the load. (ZeRO-2 with expert parallelism:
+    test_resume_across_backends loads into it.)"""
+    out = tmp_path / "r"
+    shutil.copytree(runs / layout, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    p = _rapid(str(runs / "r.toml"), "--out", str(out), "--resume", *DS_RUNS[layout], env=probe("load"))
+    assert p.returncode == 0 and "step_00000004" in p.stderr, p.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in STRIP} for r in rows]  # noqa: E731
+    assert strip(_metrics(out)) == strip(_metrics(runs / layout))
+    assert re.findall(r"gathered tensors held: (\w+)", p.stdout + p.stderr) == ["False", "False"]
+
+
+def test_fp32_without_zero_skips_a_non_finite_step_on_every_rank(runs, tmp_path, probe):
+    p = _rapid(str(runs / "r.toml"), "--out", str(tmp_path / "r"), *LAYOUTS["zero0"], "--set", "run.steps=3",
+               env=probe("inf"))
     assert p.returncode == 0, p.stderr[-3000:]
     probes = re.findall(r"\[probe\] step 2 rank (\d) moved (\d+) skipped (\w+)", p.stdout + p.stderr)
     assert sorted(probes) == [("0", "0", "True"), ("1", "0", "True")], probes
