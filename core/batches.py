@@ -10,11 +10,12 @@ from rapid.types import Batch
 
 
 class PackedSequences:
-    """Non-overlapping windows of ``seq_len + 1`` tokens over a document stream."""
+    """Non-overlapping windows of ``seq_len + 1`` tokens over a document stream. The streams stay
+    in their stored dtypes (int32 tokens, int16 domains: no int64 copy of a whole corpus); each
+    batch is widened to int64 as it is cut."""
 
     def __init__(self, tokens: np.ndarray, domains: np.ndarray, seq_len: int, what: str):
-        self.tokens, self.domains, self.seq_len = torch.from_numpy(tokens.astype(np.int64)), \
-            torch.from_numpy(domains.astype(np.int64)), seq_len
+        self.tokens, self.domains, self.seq_len = torch.from_numpy(tokens), torch.from_numpy(domains), seq_len
         self.count = (len(tokens) - 1) // seq_len
         if self.count < 1:
             raise UserError(f"{what} split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}",
@@ -22,8 +23,8 @@ class PackedSequences:
 
     def batch(self, indices: torch.Tensor) -> Batch:
         offsets = indices[:, None] * self.seq_len + torch.arange(self.seq_len + 1)
-        window = self.tokens[offsets]
-        return Batch(window[:, :-1], window[:, 1:], self.domains[offsets[:, :-1]])
+        window = self.tokens[offsets].long()
+        return Batch(window[:, :-1], window[:, 1:], self.domains[offsets[:, :-1]].long())
 
 
 class BatchIterator:

@@ -39,7 +39,8 @@ class RunConfig:
     eval_every: NonNegative = 50      # 0 = only at the end
     eval_at_start: bool = False       # also validate the untrained model (logged as step 0)
     eval_batches: Positive = 8        # validation set: this many global batches of the training layout
-    save_every: NonNegative = 0       # 0 = no periodic checkpoints (the final one is always written)
+    save_every: NonNegative = 0       # 0 = no periodic checkpoints
+    save_final: bool = True           # a checkpoint at the last step (sweeps measuring speed turn it off)
     keep_checkpoints: NonNegative = 2  # newest periodic checkpoints kept on disk (0 = all)
     max_skipped_steps: Positive = 20  # consecutive non-finite steps before the run stops
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -16,7 +16,6 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,7 +31,7 @@ from rapid.recipe import Recipe, build_model, resolve
 from rapid.types import Batch, ModelOutput
 
 RESUMABLE_RUN_KEYS = ("steps", "log_every", "eval_every", "eval_at_start", "eval_batches", "save_every",
-                      "keep_checkpoints", "max_skipped_steps", "cpu_keep_freed_memory")
+                      "save_final", "keep_checkpoints", "max_skipped_steps", "cpu_keep_freed_memory")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -268,7 +267,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
 
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
     with torch.device("meta"):
-        counts_V = torch.from_numpy(np.bincount(corpus.train_tokens, minlength=recipe.model.vocab_size))
+        counts_V = torch.from_numpy(corpus.train_tokens).bincount(minlength=recipe.model.vocab_size)
         model = build_model(recipe, registry, tuple(corpus.domains), counts_V)
     params = count_params(model, getattr(recipe.model, "top_k", 1))   # of the whole model, before sharding
     model = strategy.parallelize(model, device)
@@ -346,7 +345,8 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
                     f"gradients (last loss {float(total.detach()):.4g}); nothing was saved after the last checkpoint",
                     hint="lower [optim] lr, use bf16 instead of fp16, or raise [run] max_skipped_steps; "
                          "--resume restarts from the last checkpoint")
-            save = (run_cfg.save_every and step % run_cfg.save_every == 0) or step == run_cfg.steps
+            save = ((run_cfg.save_every and step % run_cfg.save_every == 0)
+                    or (step == run_cfg.steps and run_cfg.save_final))
             record: dict = {}
             if step % run_cfg.log_every == 0 or step == run_cfg.steps or save:   # a resume starts a fresh window
                 n, names = window_steps, list(sums)
@@ -393,8 +393,12 @@ def _peak_memory(device: torch.device) -> int:
     """This process's peak memory so far: CUDA's max reserved bytes on a GPU, peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
+    try:       # this process image's high-water mark (ru_maxrss would include the parent's RSS at fork)
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux reports KiB
 
 
 class _Progress:

@@ -199,6 +199,7 @@ class ParallelStrategy:
     capabilities: ClassVar[frozenset[str]] = frozenset()
     presets: ClassVar[dict[str, dict]] = {}
     requires: ClassVar[tuple[str, str] | None] = None   # (import name, pip extra)
+    autocast_weights: ClassVar[bool] = True   # bf16/fp16 by autocast over fp32 weights (False: 16-bit weights)
     name: str = ""                                       # the registered name (set by the registry)
 
     def __init__(self, config, world_size: int = 1):

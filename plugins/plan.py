@@ -5,6 +5,7 @@ on the meta device: nothing is allocated, so a 16B model plans in a second), and
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -32,14 +33,33 @@ def zero_memory(params: int, precision: str, stage: int, dp: int) -> dict[str, i
             "optimizer": params * o // (dp if stage >= 1 else 1)}
 
 
-def activation_bytes(cfg, micro_batch: int, precision: str, checkpointing: bool = False) -> int:
-    """Rough activation memory of one micro-batch (Korthikanti et al. 2022: ~34*S*B*D bytes per
-    layer in 16-bit, plus the attention scores), plus fp32 logits. With activation checkpointing a
-    layer keeps only its fp32 input, and one layer at a time is recomputed in full."""
-    s, b, d, h = cfg.seq_len, micro_batch, cfg.hidden, cfg.heads
-    per_layer = (s * b * d * 34 + 5 * h * s * s * b) * (2 if precision == "fp32" else 1)
-    layers = cfg.layers * 4 * s * b * d + per_layer if checkpointing else cfg.layers * per_layer
-    return layers + 2 * 4 * b * s * cfg.vocab_size
+def activation_bytes(cfg, micro_batch: int, precision: str, checkpointing: bool = False, tp: int = 1) -> int:
+    """Activation memory of one micro-batch: what autograd keeps per token for backward, layer by
+    layer (element size a = 4 in fp32, 2 for matmul outputs under bf16/fp16 autocast; the residual
+    stream and layer norms stay fp32), plus the backward's largest transients.
+
+    attention: qkv input, q, k, v, output, projection input = 6D (SDPA's fused kernels, CPU flash
+      included, never hold the S x S scores; with attention dropout the math path holds 3 h S);
+    dense block: 2 layer-norm inputs (fp32) + attention + the MLP's input, pre- and post-activation (D + 2F);
+    MoE block: attention + router input + per routed row (k, or k * capacity_factor when that is
+      smaller) the expert input, pre-activation and output (2D + F), as the reference kernels save;
+      plus the dense MLP of a residual MoE;
+    head: final norm and head inputs, logits and log-probabilities (fp32, 2V); backward: their
+      gradients (2V) and one layer's gradients. Activation checkpointing keeps each block's input
+      and one block's activations (recomputed). Tensor parallelism (``tp``) splits q, k, v, the
+      attention output and the dense MLP's hidden activations over its ranks."""
+    T, D, V = micro_batch * cfg.seq_len, cfg.hidden, cfg.vocab_size
+    F, a = cfg.ffn_mult * cfg.hidden, 4 if precision == "fp32" else 2
+    attn = 2 * D + (4 * D + (3 * cfg.heads * cfg.seq_len if cfg.dropout > 0 else 0)) / tp
+    rows = cfg.top_k * (1.0 if cfg.dropless else min(1.0, cfg.capacity_factor))
+    dense = 8 * D + a * (attn + D + 2 * F / tp)
+    moe = 8 * D + a * (attn + D + rows * (2 * D + F) + (D + 2 * F if cfg.residual else 0))
+    moe_at = set(cfg.moe_layers())
+    blocks = [moe if i in moe_at else dense for i in range(cfg.layers)]
+    kept = cfg.layers * 4 * D + max(blocks) if checkpointing else sum(blocks)
+    head = 4 * (D + 2 * V) + a * D
+    backward = 4 * 2 * V + max(blocks)
+    return int(T * (kept + head + backward))
 
 
 @dataclass
@@ -58,18 +78,99 @@ class Plan:
         return asdict(self)
 
 
+# CPU: glibc's heap, kept untrimmed (rapid.cpu.keep_freed_memory), holds about this many bytes of
+# address space per byte of activations at the peak (fitted on gpt_moe_tiny, micro-batches 2-32,
+# hidden 128-256, sequences 128-256, fp32 and bf16: 1.42).
+CPU_HEAP_PER_ACTIVATION_BYTE = 1.42
+
+_PROBE = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+import torch, torch.nn.functional as F
+from rapid.cpu import keep_freed_memory
+keep_freed_memory()
+lin = torch.nn.Linear(64, 192)
+q, k, v = lin(torch.randn(2, 32, 64)).chunk(3, -1)
+opt = torch.optim.AdamW(lin.parameters())
+F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+opt.step()
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+def runtime_bytes(modules: tuple[str, ...]) -> int:
+    """Resident memory of a fresh worker before its model: the interpreter, torch, rapid and
+    ``modules`` after one tiny training step (thread pools, kernels' workspaces). Measured once per
+    interpreter, torch version and module set, cached under $RAPID_CACHE; 0 if it cannot be measured."""
+    import subprocess
+    import sys
+    from rapid.builtin.data.corpus import cache_dir
+    key = f"hwm|{sys.executable}|{torch.__version__}|{','.join(modules)}"
+    path = cache_dir() / "runtime.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        try:
+            out = subprocess.run([sys.executable, "-c", _PROBE, *modules], capture_output=True, text=True, timeout=120)
+            known[key] = int(out.stdout.split()[-1])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, path)
+    return known[key]
+
+
+_CORPUS_BYTES: dict[str, int] = {}
+
+
+def corpus_bytes(recipe, registry) -> int:
+    """Bytes of the recipe's prepared corpus in memory (0 before it is prepared, or when its source
+    cannot tell); looked up once per data table and vocabulary in this process."""
+    import dataclasses
+    key = json.dumps([recipe.names["data"], dataclasses.asdict(recipe.data), recipe.model.vocab_size], default=str)
+    if key not in _CORPUS_BYTES:
+        try:
+            source = registry.get("data", recipe.names["data"])(recipe.data)
+            _CORPUS_BYTES[key] = getattr(source, "cached_bytes", lambda v: None)(recipe.model.vocab_size) or 0
+        except UserError:                    # data not readable yet: `rapid run` will say why
+            _CORPUS_BYTES[key] = 0
+    return _CORPUS_BYTES[key]
+
+
+def plan_device(recipe) -> str:
+    """The device ``rapid run`` would train this recipe on here."""
+    wanted = recipe.run.device
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switches) -> dict[str, int]:
     """Per-device bytes of strategy ``name`` on ``world`` processes with ``switches`` (other
-    [parallel] keys as in the recipe)."""
+    [parallel] keys as in the recipe): the strategy's model states; 16-bit copies of fp32 weights
+    that autocast keeps until backward; activations; and on the CPU, where the peak is the process's
+    resident memory, the heap's overhead on activations, the runtime (``runtime_bytes``) and the
+    prepared corpus (when it is in the cache)."""
     import dataclasses
     cls = registry.get("parallel", name)
     keys = {f.name for f in dataclasses.fields(cls.Config)}
     shared = {k: v for k, v in dataclasses.asdict(recipe.parallel).items() if k in keys}
     strategy = registry.strategy(name, cls.Config(**{**shared, **switches}), world)
     strategy.check(recipe)
+    c = strategy.config
     planned = strategy.memory_plan(counts)
-    planned["activations"] = activation_bytes(recipe.model, strategy.config.micro_batch, strategy.config.precision,
-                                              strategy.config.activation_checkpoint)
+    if c.precision != "fp32" and strategy.autocast_weights:
+        planned["autocast_copies"] = planned["params"] // 2
+    planned["activations"] = activation_bytes(recipe.model, c.micro_batch, c.precision, c.activation_checkpoint,
+                                              c.tensor_parallel)
+    if plan_device(recipe) == "cpu":
+        planned["cpu_heap"] = int(planned["activations"] * (CPU_HEAP_PER_ACTIVATION_BYTE - 1))
+        modules = ("rapid.train", "rapid.plugins", *((cls.requires[0],) if cls.requires else ()))
+        planned["runtime"] = runtime_bytes(modules)
+        planned["data"] = corpus_bytes(recipe, registry)
     planned["total"] = sum(planned.values())
     return planned
 
@@ -171,11 +272,29 @@ def rapid_add_commands(app):
              set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe key: table.key=value"),
              nproc: int = typer.Option(1, "--nproc", min=1, help="plan for N processes (devices)"),
              dp: Optional[int] = typer.Option(None, "--dp", min=1, help="data-parallel size for the ZeRO table"),
+             grid: Optional[List[str]] = typer.Option(None, "--grid", help="plan every point of a sweep grid "
+                                                      "(table.key=v1,v2; repeatable), as `rapid sweep` would run it"),
              as_json: bool = typer.Option(False, "--json", help="print JSON")):
         """Parameter counts (total, dense, active per token) and per-device memory estimates."""
         from rapid.recipe import load_recipe
 
         registry = ctx.obj
+        if grid:
+            from rapid.builtin.sweep import SweepConfig, expand, parse_grid
+            points = expand(recipe, set_ or [], SweepConfig(grid=parse_grid(grid), nproc=nproc), registry)
+            rows = [{"point": pt.key, "planned_bytes": pt.planned or None, "unsupported": pt.unsupported or None}
+                    for pt in points]
+            if as_json:
+                typer.echo(json.dumps(rows, indent=2))
+                return
+            t = Table(title=f"{recipe}: planned memory per device, {nproc} process(es)")
+            for col in (*(k.split(".", 1)[1] for k in parse_grid(grid)), "planned"):
+                t.add_column(col)
+            for pt in points:
+                t.add_row(*(str(v).lower() for v in pt.switches.values()),
+                          fmt_bytes(pt.planned) if not pt.unsupported else f"unsupported: {pt.unsupported}")
+            Console().print(t)
+            return
         p = make_plan(load_recipe(recipe, set_ or [], registry), registry, nproc, dp)
         if as_json:
             typer.echo(json.dumps(p.to_dict(), indent=2))
@@ -191,7 +310,10 @@ def rapid_add_commands(app):
         for col in ("layout", "params", "grads", "optimizer", "activations", "total"):
             m.add_column(col, justify="right")
         mp, cols = p.memory_planned, ("params", "grads", "optimizer", "activations", "total")
+        other = {k: v for k, v in mp.items() if k not in cols}
         m.add_row(f"planned ({p.precision})", *(fmt_bytes(mp[k]) for k in cols))
         for name, mem in p.memory_by_zero_stage.items():
             m.add_row(name, *(fmt_bytes(mem[k]) if k in mem else "" for k in cols))
         console.print(m)
+        if other:
+            console.print("the planned total also holds " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in other.items()))

@@ -144,9 +144,16 @@ class Point:
         return " ".join(self.sets)
 
 
-def expand(recipe_path: Path, base_sets: list[str], cfg: SweepConfig, registry) -> list[Point]:
-    """Every grid point, resolved, checked and planned; a point that is not a valid recipe stops all."""
+def _plan_total(recipe, registry, nproc: int) -> tuple[int, int]:
+    """(planned bytes per device, active parameters per token) of a point."""
     from rapid.builtin.plan import make_plan
+    plan = make_plan(recipe, registry, nproc)
+    return plan.memory_planned["total"], plan.params_active
+
+
+def expand(recipe_path: Path, base_sets: list[str], cfg: SweepConfig, registry, before_planning=None) -> list[Point]:
+    """Every grid point, resolved (a point that is not a valid recipe stops all), then checked by its
+    strategy and planned (``before_planning()`` runs in between: the sweep prepares the data there)."""
     from rapid.recipe import load_recipe
     if not cfg.grid:
         raise UserError("the sweep has an empty grid", hint="give --grid table.key=v1,v2 or a [sweep] grid table")
@@ -158,17 +165,18 @@ def expand(recipe_path: Path, base_sets: list[str], cfg: SweepConfig, registry) 
             recipe = load_recipe(recipe_path, [*base_sets, *sets], registry)
         except UserError as exc:
             raise UserError(f"grid point {' '.join(sets)}: {exc}", hint=exc.hint) from None
-        p = Point(i, dict(zip(keys, values)), sets, recipe)
-        strategy = registry.strategy(recipe.names["parallel"], recipe.parallel, cfg.nproc)
+        points.append(Point(i, dict(zip(keys, values)), sets, recipe))
+    if before_planning:
+        before_planning()
+    for p in points:
+        strategy = registry.strategy(p.recipe.names["parallel"], p.recipe.parallel, cfg.nproc)
         try:
-            strategy.check(recipe)
-            plan = make_plan(recipe, registry, cfg.nproc)
-            p.planned, p.params_active = plan.memory_planned["total"], plan.params_active
+            strategy.check(p.recipe)
+            p.planned, p.params_active = _plan_total(p.recipe, registry, cfg.nproc)
         except UserError as exc:
             p.unsupported = f"{exc}" + (f" ({exc.hint})" if exc.hint else "")
-        par = recipe.parallel
-        p.tokens_per_step = par.micro_batch * par.grad_accum * recipe.model.seq_len * strategy.data_parallel()[1]
-        points.append(p)
+        par = p.recipe.parallel
+        p.tokens_per_step = par.micro_batch * par.grad_accum * p.recipe.model.seq_len * strategy.data_parallel()[1]
     return points
 
 
@@ -205,7 +213,7 @@ def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfi
     run_dir, log = out / "points" / f"{p.index:03d}", out / "logs" / f"{p.index:03d}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     fixed = [f"run.steps={cfg.steps}", "run.log_every=1", "run.eval_every=0", "run.eval_batches=1",
-             "run.eval_at_start=false", "run.save_every=0", "run.keep_checkpoints=1"]
+             "run.eval_at_start=false", "run.save_every=0", "run.save_final=false"]
     cmd = [sys.executable, "-m", "rapid.cli", "run", str(recipe_path), "--out", str(run_dir), "--overwrite",
            "--no-progress", *(a for s in [*base_sets, *p.sets, *fixed] for a in ("--set", s)),
            *(["--nproc", str(cfg.nproc)] if cfg.nproc > 1 else [])]
@@ -356,8 +364,12 @@ def sweep(recipe_path: Path, grid_items: list[str], base_sets: list[str], regist
     if grid_items:
         table["grid"] = parse_grid(grid_items)
     table.update({k: v for k, v in options.items() if v is not None})
+    if options.get("max_memory") is not None:
+        parse_size(options["max_memory"], "--max-memory")
     cfg = build_config(SweepConfig, table, f"{recipe_path} [sweep]", {})
-    points = expand(recipe_path, base_sets, cfg, registry)
+    # the data is prepared (and cached) once, here: no point's peak memory includes tokenizer training
+    prepare = lambda: registry.get("data", base.names["data"])(base.data).corpus(base.model.vocab_size)  # noqa: E731
+    points = expand(recipe_path, base_sets, cfg, registry, before_planning=prepare)
     out = Path(out or Path("runs") / f"sweep-{base.run.name}")
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = hashlib.sha256(json.dumps([base.to_dict(), dataclasses.asdict(cfg)], sort_keys=True,

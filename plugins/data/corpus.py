@@ -74,6 +74,13 @@ class DocumentSource(DataSource):
     def corpus(self, vocab_size: int) -> Corpus:
         return keep_domains(prepare_corpus(self, vocab_size), self.config.keep_domains)
 
+    def cached_bytes(self, vocab_size: int) -> int | None:
+        """Bytes the prepared corpus takes in memory (its arrays), or None before it is prepared."""
+        root = corpus_cache(self, vocab_size)[0]
+        if not (root / "meta.json").exists():
+            return None
+        return sum((root / f"{n}.npy").stat().st_size for n in _ARRAYS)
+
 
 def normalise(text: str) -> str:
     """A document's identity for dedup and the split: NFKC, whitespace runs -> one space, stripped."""
@@ -176,10 +183,8 @@ def _load_cached(root: Path, tok_path: Path, vocab_size: int) -> Corpus:
                   fingerprint=root.name)
 
 
-def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
-    """``source``'s documents deduplicated, split (see ``split_documents``) and encoded with the
-    ``[data] tokenizer`` or one trained on the training split; from the cache when it has them. The
-    tokenizer is checked against ``vocab_size`` on every call."""
+def corpus_cache(source: DocumentSource, vocab_size: int) -> tuple[Path, Path | None, str]:
+    """(the corpus's cache directory, the user's tokenizer or None, the cache key's source text)."""
     cfg = source.config
     user_tok = _user_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     key_src = json.dumps({"format": CORPUS_FORMAT, "source": source.fingerprint(), "vocab": vocab_size,
@@ -188,6 +193,15 @@ def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
                           "domains": list(cfg.domains),
                           "coverage": cfg.character_coverage}, sort_keys=True)
     root = cache_dir() / "corpus" / hashlib.sha256(key_src.encode()).hexdigest()[:32]
+    return root, user_tok, key_src
+
+
+def prepare_corpus(source: DocumentSource, vocab_size: int) -> Corpus:
+    """``source``'s documents deduplicated, split (see ``split_documents``) and encoded with the
+    ``[data] tokenizer`` or one trained on the training split; from the cache when it has them. The
+    tokenizer is checked against ``vocab_size`` on every call."""
+    root, user_tok, key_src = corpus_cache(source, vocab_size)
+    cfg = source.config
     tok_path = user_tok or root / "tokenizer.model"
     if (root / "meta.json").exists():
         return _load_cached(root, tok_path, vocab_size)

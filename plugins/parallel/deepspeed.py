@@ -311,6 +311,7 @@ class DeepSpeed(ExpertParallelStrategy):
                "deepspeed_zero2_offload": {"zero_stage": 2, "offload": True},
                "deepspeed_zero3": {"zero_stage": 3}}
     requires = ("deepspeed", "deepspeed")
+    autocast_weights = False          # its bf16/fp16 modes hold 16-bit weights (and fp32 masters)
     _environ: dict | None = None     # what wrap changed in os.environ: the values before
 
     def check(self, recipe) -> None:
