@@ -5,8 +5,13 @@ to the OS on free, so every training step page-faults its large activations and 
 again. On the machines rapid is tested on that costs ~2 us per 4 KiB page: 15 ms for one 32 MiB
 tensor, 10-15% of an MoE layer's step. ``keep_freed_memory()`` makes malloc serve everything from
 its heap and never trim it, so steady-state steps reuse memory that is already mapped (what
-jemalloc/tcmalloc, recommended by PyTorch's CPU tuning guide, achieve by caching). The process keeps
-its peak footprint until it exits.
+jemalloc/tcmalloc, recommended by PyTorch's CPU tuning guide, achieve by caching). Left alone, the
+heap fragments as routing changes tensor sizes every step: the tiny recipe's resident memory grew
+from 0.7 to 2.2 GiB over 550 steps. ``release_freed_memory()`` (``malloc_trim``), which the training
+loop calls every ``TRIM_EVERY`` steps, returns the free pages when free chunks outgrow the memory in
+use. Measured on that recipe (200 steps, A/B runs alternated): no trim 13.5k tokens/s and still
+growing; every 50 steps 0.9-1.0 GiB, -2%; every 25 0.8 GiB, within noise; every 10 0.64 GiB, -4.5%;
+every step 0.51 GiB, -27% (the page faults are back).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import ctypes.util
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # <malloc.h>
+TRIM_EVERY = 10                          # training steps between checks for fragmentation
+TRIM_FREE_RATIO = 0.5                   # trim when free heap chunks exceed this times the memory in use
 _applied = False
 
 
@@ -29,3 +36,25 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def release_freed_memory() -> bool:
+    """After ``keep_freed_memory``: return the heap's free pages to the OS when free chunks outgrow
+    the memory in use (fragmentation), keeping them otherwise. True if it trimmed."""
+    if not _applied:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    try:
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+    except AttributeError:          # glibc < 2.33: trim on every call
+        return bool(libc.malloc_trim(0)) or True
+    if info.fordblks <= TRIM_FREE_RATIO * info.uordblks:
+        return False
+    libc.malloc_trim(0)
+    return True

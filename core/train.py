@@ -22,7 +22,7 @@ from torch import nn
 
 from rapid import checkpoint, dist as rdist
 from rapid.batches import BatchIterator, PackedSequences, val_batches
-from rapid.cpu import keep_freed_memory
+from rapid.cpu import TRIM_EVERY, keep_freed_memory, release_freed_memory
 from rapid.errors import UserError
 from rapid.kernels import Kernels
 from rapid.moe import count_params
@@ -334,6 +334,8 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
                 for name, values in out.stats.items():
                     sums[name] = sums.get(name, 0.0) + torch.as_tensor(sum(values) / len(values)).float() / par.grad_accum
             step_stats = engine.step()
+            if step % TRIM_EVERY == 0:
+                release_freed_memory()              # bounds the CPU heap's fragmentation (rapid.cpu)
             dt = time.perf_counter() - t0
             window_steps, window_time, run_time = window_steps + 1, window_time + dt, run_time + dt
             # A step with non-finite gradients (fp16 overflow, a diverging run) was not applied.

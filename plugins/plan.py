@@ -78,10 +78,11 @@ class Plan:
         return asdict(self)
 
 
-# CPU: glibc's heap, kept untrimmed (rapid.cpu.keep_freed_memory), holds about this many bytes of
-# address space per byte of activations at the peak (fitted on gpt_moe_tiny, micro-batches 2-32,
-# hidden 128-256, sequences 128-256, fp32 and bf16: 1.42).
-CPU_HEAP_PER_ACTIVATION_BYTE = 1.42
+# CPU: glibc's heap (rapid.cpu: freed memory kept, trimmed every 10 steps) holds about this many
+# resident bytes per byte of activations once a run has settled: routing changes tensor sizes every
+# step and the heap fragments between trims (gpt_moe_tiny, 150 steps: 3.2x at micro-batch 4, 3.3x
+# at 8, 2.2-2.9x at 32; the first steps alone hold about 1.4x).
+CPU_HEAP_PER_ACTIVATION_BYTE = 3.0
 
 _PROBE = """
 import importlib, sys

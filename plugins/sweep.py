@@ -107,8 +107,8 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 @dataclass
 class SweepConfig:
     grid: dict[str, list[Any]] = field(default_factory=dict)   # "table.key" -> values
-    steps: Positive = 10            # steps per point
-    warmup: NonNegative = 3         # first steps not timed
+    steps: Positive = 30            # steps per point (on the CPU the heap settles after about 20)
+    warmup: NonNegative = 5         # first steps not timed
     nproc: Positive = 1             # processes per point
     max_memory: str = ""            # per process on the CPU, e.g. "8GiB"; "" = no budget
     time_limit: Positive = 900      # seconds per point
@@ -457,8 +457,8 @@ def rapid_add_commands(app):
             grid: Optional[List[str]] = typer.Option(None, "--grid", help="table.key=v1,v2,... (repeatable; "
                                                      "replaces the recipe's grid)"),
             set_: Optional[List[str]] = typer.Option(None, "--set", help="override a recipe key for every point"),
-            steps: Optional[int] = typer.Option(None, "--steps", help="steps per point [sweep.steps: 10]"),
-            warmup: Optional[int] = typer.Option(None, "--warmup", help="untimed first steps [sweep.warmup: 3]"),
+            steps: Optional[int] = typer.Option(None, "--steps", help="steps per point [sweep.steps: 30]"),
+            warmup: Optional[int] = typer.Option(None, "--warmup", help="untimed first steps [sweep.warmup: 5]"),
             nproc: Optional[int] = typer.Option(None, "--nproc", help="processes per point [sweep.nproc: 1]"),
             out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default runs/sweep-<run.name>)"),
             max_memory: Optional[str] = typer.Option(None, "--max-memory", help="CPU budget per process, e.g. 8GiB"),
