@@ -81,7 +81,7 @@ class Plan:
 # CPU: glibc's heap (rapid.cpu: freed memory kept, trimmed every 10 steps) holds about this many
 # resident bytes per byte of activations once a run has settled: routing changes tensor sizes every
 # step and the heap fragments between trims (gpt_moe_tiny, 150 steps: 3.2x at micro-batch 4, 3.3x
-# at 8, 2.2-2.9x at 32; the first steps alone hold about 1.4x).
+# at 8, 2.2-2.9x at 32; the first steps alone hold about 1.4x). See BENCHMARKS.md.
 CPU_HEAP_PER_ACTIVATION_BYTE = 3.0
 
 _PROBE = """
@@ -168,7 +168,10 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
     planned["activations"] = activation_bytes(recipe.model, c.micro_batch, c.precision, c.activation_checkpoint,
                                               c.tensor_parallel)
     if plan_device(recipe) == "cpu":
-        planned["cpu_heap"] = int(planned["activations"] * (CPU_HEAP_PER_ACTIVATION_BYTE - 1))
+        # the heap's high-water follows a step's allocation churn, which activation checkpointing's
+        # recomputation keeps at the non-checkpointed volume (measured: checkpointing saved nothing here)
+        churn = activation_bytes(recipe.model, c.micro_batch, c.precision, False, c.tensor_parallel)
+        planned["cpu_heap"] = int(churn * CPU_HEAP_PER_ACTIVATION_BYTE - planned["activations"])
         modules = ("rapid.train", "rapid.plugins", *((cls.requires[0],) if cls.requires else ()))
         planned["runtime"] = runtime_bytes(modules)
         planned["data"] = corpus_bytes(recipe, registry)

@@ -80,7 +80,7 @@ class LocalDDP(ExpertParallelStrategy):
     """Megatron-style local DDP (megatron-core's DistributedDataParallel): one flat gradient buffer,
     all-reduced once per optimizer step. fp32/bf16/fp16, expert parallelism, activation checkpointing."""
     capabilities = frozenset({"fp32", "bf16", "fp16", "multiprocess", "expert_parallel", "activation_checkpoint"})
-    requires = ("megatron", "megatron")   # megatron-core's top package (a dotted name raises if it is missing)
+    requires = ("megatron.core", "megatron")
 
     def wrap(self, model: nn.Module, make_optimizer: MakeOptimizer, clip: float) -> Engine:
         device = next(model.parameters()).device

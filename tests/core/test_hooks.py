@@ -169,16 +169,17 @@ def test_step_end_observers_see_metrics():
     assert seen == [(3, 1.5)]
 
 
-def test_a_strategy_whose_library_is_missing_names_the_extra(builtin_registry):
+@pytest.mark.parametrize("module", ["no_such_library_xyz", "no_such_library_xyz.core"])
+def test_a_strategy_whose_library_is_missing_names_the_extra(builtin_registry, module):
     from rapid.types import ParallelStrategy
 
     class Needy(ParallelStrategy):
         capabilities = frozenset({"fp32"})
-        requires = ("no_such_library_xyz", "needy")
+        requires = (module, "needy")
 
     class Recipe:
         pass
 
-    with pytest.raises(UserError, match=r"needs no_such_library_xyz, which is not installed") as info:
+    with pytest.raises(UserError, match=rf"needs {module}, which is not installed") as info:
         Needy(Needy.Config()).check(Recipe())
     assert info.value.hint == "pip install 'rapidmoe[needy]'"
