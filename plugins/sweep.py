@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -202,7 +203,7 @@ def _rss(procs) -> list[int]:
 
 def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfig, out: Path) -> dict:
     """Run one point in fresh processes; the result record (see the module docstring)."""
-    record: dict[str, Any] = {"point": p.key, "switches": p.switches, "nproc": cfg.nproc,
+    record: dict[str, Any] = {"point": p.key, "sets": p.sets, "switches": p.switches, "nproc": cfg.nproc,
                               "planned_bytes": p.planned or None}
     if p.unsupported:
         return {**record, "status": "unsupported", "error": p.unsupported}
@@ -216,22 +217,25 @@ def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfi
              "run.eval_at_start=false", "run.save_every=0", "run.save_final=false"]
     cmd = [sys.executable, "-m", "rapid.cli", "run", str(recipe_path), "--out", str(run_dir), "--overwrite",
            "--no-progress", *(a for s in [*base_sets, *p.sets, *fixed] for a in ("--set", s)),
-           *(["--nproc", str(cfg.nproc)] if cfg.nproc > 1 else [])]
+           *(["--nproc", str(cfg.nproc), "--allow-oversubscribe"] if cfg.nproc > 1 else [])]
     t0, peak_sampled, stopped = time.monotonic(), 0, ""
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        while proc.poll() is None:
-            rss = _rss(_tree(proc.pid))
-            peak_sampled = max([peak_sampled, *rss])
-            if budget and rss and max(rss) > budget:
-                stopped = f"a process reached {max(rss) / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
-            elif time.monotonic() - t0 > cfg.time_limit:
-                stopped = f"stopped after the time limit of {cfg.time_limit} s"
-            if stopped:
+        try:
+            while proc.poll() is None:
+                rss = _rss(_tree(proc.pid))
+                peak_sampled = max([peak_sampled, *rss])
+                if budget and rss and max(rss) > budget:
+                    stopped = f"a process reached {max(rss) / 2**30:.2f} GiB > budget {budget / 2**30:.2f} GiB"
+                elif time.monotonic() - t0 > cfg.time_limit:
+                    stopped = f"stopped after the time limit of {cfg.time_limit} s"
+                if stopped:
+                    break
+                time.sleep(0.1)
+        finally:              # stopped, or the sweep itself interrupted: no point keeps running
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                break
-            time.sleep(0.1)
     record.update(seconds=round(time.monotonic() - t0, 1), peak_rss_sampled=peak_sampled or None)
     text = log.read_text(errors="replace")
     if stopped:
@@ -240,9 +244,11 @@ def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfi
     if proc.returncode:
         lines = [ln for ln in text.splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else "")
-        oom = re.search(r"out of memory|OutOfMemoryError", text, re.I)
-        return {**record, "status": "oom" if oom else "failed", "oom": "cuda" if oom else None,
-                "error": error[:500], "exit_code": proc.returncode}
+        guard = "stopped before allocating" in text                    # rapid run's plan vs the device
+        oom = guard or re.search(r"out of memory|OutOfMemoryError", text, re.I)
+        return {**record, "status": "oom" if oom else "failed",
+                "oom": ("predicted" if guard else "cuda") if oom else None, "error": error[:500],
+                "exit_code": proc.returncode}
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "tokens_per_s" in r and r["step"] > cfg.warmup]
     ms = statistics.median(1000 * p.tokens_per_step / r["tokens_per_s"] for r in timed)
@@ -350,13 +356,13 @@ def best_line(recipe_path: Path, base_sets: list[str], results: list[dict]) -> s
         return None
     best = max(done, key=lambda r: r["tokens_per_s"])
     nproc = best.get("nproc", 1)
-    sets = " ".join(f"--set '{s}'" if " " in s or '"' in s else f"--set {s}" for s in [*base_sets, *best["point"].split(" ")])
-    return f"rapid run {recipe_path} {sets}" + (f" --nproc {nproc}" if nproc > 1 else "")
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in [*base_sets, *best["sets"]])
+    return f"rapid run {shlex.quote(str(recipe_path))} {sets}" + (f" --nproc {nproc}" if nproc > 1 else "")
 
 
 # ---------------------------------------------------------------- the command
 def sweep(recipe_path: Path, grid_items: list[str], base_sets: list[str], registry, out: Path | None = None,
-          live: bool = True, **options) -> tuple[Path, list[str], list[dict]]:
+          live: bool = True, allow_oversubscribe: bool = False, **options) -> tuple[Path, list[str], list[dict]]:
     """Run the sweep (see the module docstring): (its directory, the grid keys, every point's record)."""
     from rapid.recipe import build_config, load_recipe
     base = load_recipe(recipe_path, base_sets, registry)
@@ -367,6 +373,9 @@ def sweep(recipe_path: Path, grid_items: list[str], base_sets: list[str], regist
     if options.get("max_memory") is not None:
         parse_size(options["max_memory"], "--max-memory")
     cfg = build_config(SweepConfig, table, f"{recipe_path} [sweep]", {})
+    if cfg.nproc > (os.cpu_count() or 1) and not allow_oversubscribe and base.run.device != "cuda":
+        raise UserError(f"nproc {cfg.nproc} is more than this machine's {os.cpu_count()} CPU cores",
+                        hint="lower --nproc, or pass --allow-oversubscribe")
     # the data is prepared (and cached) once, here: no point's peak memory includes tokenizer training
     prepare = lambda: registry.get("data", base.names["data"])(base.data).corpus(base.model.vocab_size)  # noqa: E731
     points = expand(recipe_path, base_sets, cfg, registry, before_planning=prepare)
@@ -395,7 +404,14 @@ def sweep(recipe_path: Path, grid_items: list[str], base_sets: list[str], regist
             view.running(i)
             record = {"sweep": fingerprint, **run_point(p, recipe_path, base_sets, cfg, out)}
             results[i] = record
-            with results_path.open("a") as fh:
+            with results_path.open("a+") as fh:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell():                 # a line cut short by an interruption is closed first
+                    fh.seek(fh.tell() - 1)
+                    last = fh.read(1)
+                    fh.seek(0, os.SEEK_END)
+                    if last != "\n":
+                        fh.write("\n")
                 fh.write(json.dumps(record) + "\n")
             view.update()
     final = [r for r in results if r is not None]
@@ -463,10 +479,13 @@ def rapid_add_commands(app):
             out: Optional[Path] = typer.Option(None, "--out", help="sweep directory (default runs/sweep-<run.name>)"),
             max_memory: Optional[str] = typer.Option(None, "--max-memory", help="CPU budget per process, e.g. 8GiB"),
             time_limit: Optional[int] = typer.Option(None, "--time-limit", help="seconds per point [900]"),
+            oversubscribe: bool = typer.Option(False, "--allow-oversubscribe", help="allow --nproc above the "
+                                               "CPU count"),
             live: bool = typer.Option(True, "--live/--no-live", help="show the live table")):
         """Throughput and memory of every combination of the grid's switches (a table, CSV and plot)."""
-        where, keys, results = sweep(recipe, grid or [], set_ or [], ctx.obj, out, live, steps=steps, warmup=warmup,
-                                     nproc=nproc, max_memory=max_memory, time_limit=time_limit)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind: the running point is stopped too
+        where, keys, results = sweep(recipe, grid or [], set_ or [], ctx.obj, out, live, oversubscribe, steps=steps,
+                                     warmup=warmup, nproc=nproc, max_memory=max_memory, time_limit=time_limit)
         typer.echo((where / "results.md").read_text())
         line = best_line(recipe, set_ or [], results)
         typer.echo(f"fastest: {line}" if line else "no point completed")

@@ -167,3 +167,24 @@ def test_activation_plan_terms():
     assert dropout - base == 2048 * 4 * 3 * 4 * 2048 * (4 + 1)     # 3 h S per token: 4 layers + one in backward
     assert activation_bytes(cfg, 1, "fp32", tp=2) < base and activation_bytes(cfg, 1, "bf16") < base
     assert base - activation_bytes(cfg, 1, "fp32", checkpointing=True) == 2048 * (3 * per_token_layer - 4 * 4 * 256)
+
+
+def test_a_cut_line_is_closed_and_a_refused_size_is_a_predicted_oom(recipe, builtin_registry_module, tmp_path):
+    out = tmp_path / "s"
+    grid = ["model.hidden=32,16384"]                  # 16384: rapid run's own plan refuses it before allocating
+    _, _, rs = sweep(recipe, grid, [], builtin_registry_module, out, live=False, steps=3, warmup=1)
+    assert rs[0]["status"] == "done" and (rs[1]["status"], rs[1]["oom"]) == ("oom", "predicted"), rs[1]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:60])          # interrupted mid-write
+    _, _, again = sweep(recipe, grid, [], builtin_registry_module, out, live=False, steps=3, warmup=1)
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()[::2]]
+    assert [r["point"] for r in records] == [r["point"] for r in rs] and len(again) == 2
+
+
+def test_the_fastest_line_quotes_each_value():
+    from rapid.builtin.sweep import best_line
+    results = [{"status": "done", "tokens_per_s": 1.0, "nproc": 2,
+                "sets": ["model.experts=[2, 4]", 'run.name="a b"', "parallel.name='x'"]}]
+    line = best_line(Path("r.toml"), [], results)
+    assert line == ("rapid run r.toml --set 'model.experts=[2, 4]' --set 'run.name=\"a b\"' "
+                    "--set 'parallel.name='\"'\"'x'\"'\"'' --nproc 2")

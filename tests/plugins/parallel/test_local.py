@@ -190,7 +190,8 @@ def test_refused_before_launch(switch, what):
 
 def test_missing_library_names_the_extra():
     from rapid.builtin.parallel.local import LocalDDP
-    with mock.patch.dict(sys.modules, {"megatron": None}), pytest.raises(UserError, match="needs megatron") as e:
+    with mock.patch.dict(sys.modules, {"megatron": None, "megatron.core": None}), \
+            pytest.raises(UserError, match="needs megatron.core, which is not installed") as e:
         LocalDDP(ParallelConfig(), world_size=2).check(SimpleNamespace(model=SimpleNamespace()))
     assert "pip install 'rapidmoe[megatron]'" in e.value.hint
 
