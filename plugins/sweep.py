@@ -18,7 +18,8 @@ it is not started (``oom``, predicted) and a process whose resident memory passe
 fails otherwise is recorded with its error; the sweep goes on either way.
 
 Per point (``DIR/results.jsonl``, one JSON object each; a rerun skips the points it holds, so an
-interrupted sweep resumes): median ms per iteration after ``warmup`` steps, tokens/s, samples/s,
+interrupted sweep resumes and a grid can be extended; other steps, warm-up, processes or recipe
+keys are refused, their results would not compare): median ms per iteration after ``warmup`` steps, tokens/s, samples/s,
 peak memory (the fullest rank's peak RSS on the CPU, CUDA max reserved on a GPU, as
 ``metrics.jsonl`` reports it), the plan's estimate and its error against that peak, MFU on a GPU
 whose peak FLOP/s is known, and routing balance (busiest expert over the mean, dropped fraction: a
@@ -102,6 +103,8 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         if path.strip() in grid:
             raise UserError(f"--grid {path.strip()} is given twice")
         grid[path.strip()] = [parse_override(f"{path}={v}")[2] for v in parts]
+        if len({json.dumps(v, sort_keys=True) for v in grid[path.strip()]}) < len(parts):
+            raise UserError(f"--grid {path.strip()} lists a value twice", hint="each value is one column of the table")
     return grid
 
 
@@ -207,7 +210,8 @@ def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfi
                               "planned_bytes": p.planned or None}
     if p.unsupported:
         return {**record, "status": "unsupported", "error": p.unsupported}
-    budget = parse_size(cfg.max_memory) if cfg.max_memory else 0
+    from rapid.builtin.plan import plan_device
+    budget = parse_size(cfg.max_memory) if cfg.max_memory and plan_device(p.recipe) == "cpu" else 0   # CPU only
     if budget and p.planned > budget:
         return {**record, "status": "oom", "oom": "predicted",
                 "error": f"planned {p.planned / 2**30:.2f} GiB per process > budget {budget / 2**30:.2f} GiB"}
@@ -381,7 +385,9 @@ def sweep(recipe_path: Path, grid_items: list[str], base_sets: list[str], regist
     points = expand(recipe_path, base_sets, cfg, registry, before_planning=prepare)
     out = Path(out or Path("runs") / f"sweep-{base.run.name}")
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = hashlib.sha256(json.dumps([base.to_dict(), dataclasses.asdict(cfg)], sort_keys=True,
+    # what makes two results comparable (not the grid: a sweep may be extended; not its limits)
+    same = {k: v for k, v in dataclasses.asdict(cfg).items() if k in ("steps", "warmup", "nproc")}
+    fingerprint = hashlib.sha256(json.dumps([{**base.to_dict(), "sweep": {}}, same], sort_keys=True,
                                             default=str).encode()).hexdigest()[:16]
     results_path = out / "results.jsonl"
     done: dict[str, dict] = {}

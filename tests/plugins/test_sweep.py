@@ -91,6 +91,11 @@ def test_a_rerun_skips_finished_points_and_other_settings_are_refused(done, reci
     _, _, again = sweep(recipe, ["parallel.micro_batch=2,4", "parallel.activation_checkpoint=false,true"], [],
                         builtin_registry_module, out, live=False, steps=4, warmup=1)
     assert (out / "results.jsonl").read_text() == before and len(again) == 4
+    _, _, part = sweep(recipe, ["parallel.micro_batch=4", "parallel.activation_checkpoint=true,false"], [],
+                       builtin_registry_module, out, live=False, steps=4, warmup=1, time_limit=60)
+    assert (out / "results.jsonl").read_text() == before                # another grid and limits: points reused
+    assert [r["point"] for r in part] == ["parallel.micro_batch=4 parallel.activation_checkpoint=true",
+                                          "parallel.micro_batch=4 parallel.activation_checkpoint=false"]
     with pytest.raises(UserError, match="holds a sweep of another recipe or other settings"):
         sweep(recipe, ["parallel.micro_batch=2"], [], builtin_registry_module, out, live=False, steps=5, warmup=1)
 
@@ -133,6 +138,7 @@ def test_grid_and_size_parsing():
     (["--grid", "micro_batch=4"], "is not table.key=value"),
     (["--grid", "parallel.micro_batch="], "is not table.key=value"),
     ([], "the sweep has an empty grid"),
+    (["--grid", "parallel.micro_batch=4,4"], "--grid parallel.micro_batch lists a value twice"),
     (["--grid", "parallel.micro_batch=4", "--max-memory", "lots"], "--max-memory 'lots' is not a memory size"),
     (["--grid", "parallel.micro_batch=4", "--steps", "2", "--warmup", "2"], "warmup=2 leaves no timed step"),
 ])
