@@ -31,11 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rapid import hookimpl
-from rapid.builtin.routers.top1 import z_loss
+from rapid.builtin.routers.top1 import gate_logits, z_loss
 from rapid.errors import UserError
 from rapid.types import MoESpec, Router, Routing
 
@@ -59,9 +58,7 @@ class ExpertChoiceRouter(Router):
         return self.spec.num_experts
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        return self.route(logits_TE)
+        return self.route(gate_logits(self.gate, x_TD))
 
     def route(self, logits_TE: Tensor) -> Routing:
         """Routing from fp32 logits (separate from ``forward`` so it can be checked in isolation)."""

@@ -28,6 +28,12 @@ def load_balance_loss(probs_TE: Tensor, top1_T: Tensor) -> Tensor:
     return E * torch.sum(f_E * probs_TE.mean(dim=0))
 
 
+def gate_logits(gate: nn.Linear, x_TD: Tensor) -> Tensor:
+    """Router logits in fp32 whatever autocast is active (routing decisions need the precision)."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return F.linear(x_TD.float(), gate.weight.float())
+
+
 def z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
@@ -49,9 +55,7 @@ class Top1Router(Router):
         if self.training and self.config.jitter > 0:
             eps = self.config.jitter
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - eps, 1 + eps)
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        return self.route(logits_TE)
+        return self.route(gate_logits(self.gate, x_TD))
 
     def route(self, logits_TE: Tensor) -> Routing:
         """Routing from fp32 logits (separate from ``forward`` so it can be checked in isolation)."""

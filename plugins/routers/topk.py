@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rapid import hookimpl
-from rapid.builtin.routers.top1 import z_loss
+from rapid.builtin.routers.top1 import gate_logits, z_loss
 from rapid.errors import UserError
 from rapid.moe import apply_capacity, drop_priority
 from rapid.types import MoESpec, Router, Routing
@@ -87,8 +86,7 @@ class TopKRouter(Router):
         self.gate = nn.Linear(spec.hidden, spec.num_experts, bias=False)
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return self.route(F.linear(x_TD.float(), self.gate.weight.float()))
+        return self.route(gate_logits(self.gate, x_TD))
 
     def route(self, logits_TE: Tensor) -> Routing:
         """Routing from fp32 logits (separate from ``forward`` so it can be checked in isolation)."""

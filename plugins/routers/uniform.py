@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rapid import hookimpl
+from rapid.builtin.routers.top1 import gate_logits
 from rapid.moe import apply_capacity, drop_priority
 from rapid.types import MoESpec, Router, Routing
 
@@ -31,8 +31,7 @@ class UniformRouter(Router):
         self.gate = nn.Linear(spec.hidden, spec.num_experts, bias=False)
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        logits_TE = gate_logits(self.gate, x_TD)
         T, E = logits_TE.shape
         probs_TE = torch.softmax(logits_TE, dim=-1)
         K = self.spec.top_k
