@@ -261,11 +261,8 @@ class DeepSpeedEngine(DistributedEngine):
                     tensors[f"optim.{name}.{key}"] = self.global_view(name, full)
                 tensors[f"optim.{name}.step"] = step.clone()
             self._template = tensors
-        extra = {"lr": [g["lr"] for g in self.optimizer.param_groups],
-                 "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
-                 "scheduler": self.scheduler.state_dict(),
-                 "ds_scale": scaler_state(self._loss_scaler()) if self.config.precision == "fp16" else None}
-        return tensors, extra
+        return tensors, {**self.schedule_state(),
+                         "ds_scale": scaler_state(self._loss_scaler()) if self.config.precision == "fp16" else None}
 
     @torch.no_grad()
     def load_extra_state(self, extra: dict) -> None:

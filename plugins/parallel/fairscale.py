@@ -194,11 +194,7 @@ class FairScaleEngine(LocalEngine):
             for key, value in self.local.state[p].items():
                 if isinstance(value, Tensor):
                     tensors[f"optim.{self.names[p]}.{key}"] = self._whole(p, value)
-        extra = {"lr": [g["lr"] for g in self.optimizer.param_groups],
-                 "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
-                 "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        return tensors, extra
+        return tensors, {**self.schedule_state(), "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_extra_state(self, extra: dict) -> None:
         self._scatter()

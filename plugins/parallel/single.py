@@ -127,11 +127,13 @@ class LocalEngine(Engine):
                 if isinstance(value, Tensor):
                     view = value if value.dim() == 0 else self.global_view(name, value)
                     tensors[f"optim.{name}.{key}"] = view
-        extra = {"lr": [g["lr"] for g in self.optimizer.param_groups],
-                 "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
-                 "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None}
-        return tensors, extra
+        return tensors, {**self.schedule_state(), "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def schedule_state(self) -> dict:
+        """The JSON-able learning-rate state every engine checkpoints (``load_extra_state`` reads it)."""
+        return {"lr": [g["lr"] for g in self.optimizer.param_groups],
+                "initial_lr": [g.get("initial_lr") for g in self.optimizer.param_groups],
+                "scheduler": self.scheduler.state_dict()}
 
     def load_extra_state(self, extra: dict) -> None:
         # every group follows one schedule: a layout with other groups (DeepSpeed's MoE groups) takes the first
