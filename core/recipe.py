@@ -38,13 +38,17 @@ class RunConfig:
     log_every: Positive = 10
     eval_every: NonNegative = 50      # 0 = only at the end
     eval_at_start: bool = False       # also validate the untrained model (logged as step 0)
-    eval_batches: Positive = 8        # validation set: this many global batches of the training layout
+    eval_batches: NonNegative = 8     # validation set: this many global batches of the training layout (0 = none)
     save_every: NonNegative = 0       # 0 = no periodic checkpoints
     save_final: bool = True           # a checkpoint at the last step (sweeps measuring speed turn it off)
     keep_checkpoints: NonNegative = 2  # newest periodic checkpoints kept on disk (0 = all)
     max_skipped_steps: Positive = 20  # consecutive non-finite steps before the run stops
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_keep_freed_memory: bool = True  # CPU: reuse freed host memory instead of page-faulting it again
+
+    def __post_init__(self):
+        if self.eval_at_start and not self.eval_batches:
+            raise ValueError("eval_at_start = true needs eval_batches > 0 (0 = no validation)")
 
 
 @dataclass

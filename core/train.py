@@ -262,7 +262,8 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
     dp_rank, dp_size = strategy.data_parallel()
     train_seqs = PackedSequences(corpus.train_tokens, corpus.train_domains, seq_len, "train")
     val = val_batches(PackedSequences(corpus.val_tokens, corpus.val_domains, seq_len, "validation"),
-                      par.micro_batch, run_cfg.eval_batches * par.grad_accum, dp_rank, dp_size)  # global batches
+                      par.micro_batch, run_cfg.eval_batches * par.grad_accum, dp_rank, dp_size
+                      ) if run_cfg.eval_batches else None   # global batches; none: the run never validates
     batches = BatchIterator(train_seqs, par.micro_batch, run_cfg.seed, par.grad_accum, dp_rank, dp_size)
 
     # build on meta, shard, materialise this rank's part, initialise it (experts by global id)
@@ -319,7 +320,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
                 metrics_file.flush()
                 registry.step_end(record["step"], record)
 
-        if run_cfg.eval_at_start and start == 0:
+        if run_cfg.eval_at_start and start == 0 and val:
             emit({"step": 0, "val_loss": evaluate(engine, loss_fn, val, device)})
         for step in range(start + 1, run_cfg.steps + 1):
             t0 = time.perf_counter()
@@ -368,7 +369,7 @@ def _train(recipe, registry, strategy, device, loss_fn, run_dir, resume, overwri
                 sums.clear()
                 window_steps, window_time = 0, 0.0
                 result.final = dict(record)
-            if (run_cfg.eval_every and step % run_cfg.eval_every == 0) or step == run_cfg.steps:
+            if val and ((run_cfg.eval_every and step % run_cfg.eval_every == 0) or step == run_cfg.steps):
                 record.setdefault("step", step)
                 record["val_loss"] = result.val_loss = evaluate(engine, loss_fn, val, device)
             if record:

@@ -217,7 +217,7 @@ def run_point(p: Point, recipe_path: Path, base_sets: list[str], cfg: SweepConfi
                 "error": f"planned {p.planned / 2**30:.2f} GiB per process > budget {budget / 2**30:.2f} GiB"}
     run_dir, log = out / "points" / f"{p.index:03d}", out / "logs" / f"{p.index:03d}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    fixed = [f"run.steps={cfg.steps}", "run.log_every=1", "run.eval_every=0", "run.eval_batches=1",
+    fixed = [f"run.steps={cfg.steps}", "run.log_every=1", "run.eval_every=0", "run.eval_batches=0",
              "run.eval_at_start=false", "run.save_every=0", "run.save_final=false"]
     cmd = [sys.executable, "-m", "rapid.cli", "run", str(recipe_path), "--out", str(run_dir), "--overwrite",
            "--no-progress", *(a for s in [*base_sets, *p.sets, *fixed] for a in ("--set", s)),

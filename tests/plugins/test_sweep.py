@@ -194,3 +194,16 @@ def test_the_fastest_line_quotes_each_value():
     line = best_line(Path("r.toml"), [], results)
     assert line == ("rapid run r.toml --set 'model.experts=[2, 4]' --set 'run.name=\"a b\"' "
                     "--set 'parallel.name='\"'\"'x'\"'\"'' --nproc 2")
+
+
+def test_a_point_whose_validation_split_is_too_small_still_runs(recipe, builtin_registry_module, tmp_path):
+    # 0.5% of 400 lines: 139 validation tokens, 8 sequences, fewer than a micro-batch of 16. A sweep
+    # measures speed and memory and never validates ([run] eval_batches = 0), so the point runs.
+    sets = ["data.val_fraction=0.005", "parallel.micro_batch=16"]
+    _, _, rs = sweep(recipe, sets, [], builtin_registry_module, tmp_path / "v", live=False, steps=3, warmup=1)
+    assert rs[0]["status"] == "done", rs[0]
+    with pytest.raises(UserError, match="validation split has 8 sequences, fewer than micro_batch"):
+        from rapid.recipe import load_recipe
+        from rapid.train import train
+        train(load_recipe(recipe, [*sets, "run.steps=1"]), tmp_path / "run",
+              registry=builtin_registry_module, progress=False)
