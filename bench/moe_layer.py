@@ -3,6 +3,11 @@ ideal: same FLOPs, no routing) vs deepspeed.moe.layer.MoE (k=1), all measured in
 
     python bench/moe_layer.py                      # T = 4096 and 16384, fp32 and bf16
     python bench/moe_layer.py --tokens 4096 --dtypes fp32 --iters 3
+    python bench/moe_layer.py --tokens 4096 --dtypes fp32 --experts 8 32 128 --layers dense floor rapid
+
+``floor`` is the GEMM floor: the layer's six matrix products alone at rapid's per-expert shapes of
+the same round (``GemmFloor``); ``x floor`` is each layer's time over it, and GFLOP/s is the dense
+FFN's FLOPs over each layer's time (the floor's: its own FLOPs).
 
 Every iteration draws fresh random inputs and output gradients, so per-expert token counts change
 as they do in training. Layers are timed round-robin (one iteration each in turn) so machine noise
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,7 +71,48 @@ class RapidMoE(nn.Module):
     def forward(self, x):
         ids = self.token_ids.expand(x.shape[0])
         out, routing = self.moe(x, ids, ids)
+        kept = routing.expert_ids_TK[routing.expert_ids_TK >= 0]
+        GemmFloor.counts = torch.bincount(kept, minlength=EXPERTS).tolist()   # the floor's shapes
         return out + 0 * sum(routing.losses.values())
+
+
+class GemmFloor(nn.Module):
+    """The physical limit of the MoE layer here: its six matrix products alone (two forward, four
+    backward) at the per-expert row counts of rapid's layer in the same round, with ``torch.mm`` into
+    preallocated outputs, plus one write of the experts' weight gradients (fresh buffers, zeros for
+    experts without rows). No routing, gather, scatter or activation."""
+
+    counts: list[int] | None = None
+
+    def __init__(self):
+        super().__init__()
+        self.w1_EDF = nn.Parameter(torch.randn(EXPERTS, D_MODEL, D_FF) * 0.02)
+        self.w2_EFD = nn.Parameter(torch.randn(EXPERTS, D_FF, D_MODEL) * 0.02)
+
+    def flops(self) -> int:
+        return 6 * 2 * sum(self.counts) * D_MODEL * D_FF
+
+    @torch.no_grad()
+    def floor_step(self, x_TD, g_TD, dtype) -> None:
+        counts = self.counts or [x_TD.shape[0] // EXPERTS] * EXPERTS
+        N = sum(counts)
+        x, g = x_TD[:N].to(dtype), g_TD[:N].to(dtype)
+        w1, w2 = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
+        h, y, dh, dx = (x.new_empty(N, D_FF), x.new_empty(N, D_MODEL), x.new_empty(N, D_FF), x.new_empty(N, D_MODEL))
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                gw1[e].zero_(), gw2[e].zero_()
+                continue
+            r = slice(start, start + n)
+            start += n
+            torch.mm(x[r], w1[e], out=h[r])
+            torch.mm(h[r], w2[e], out=y[r])
+            torch.mm(h[r].t(), g[r], out=gw2[e])
+            torch.mm(g[r], w2[e].t(), out=dh[r])
+            torch.mm(x[r].t(), dh[r], out=gw1[e])
+            torch.mm(dh[r], w1[e].t(), out=dx[r])
 
 
 class DeepSpeedMoE(nn.Module):
@@ -85,9 +132,10 @@ class DeepSpeedMoE(nn.Module):
 
 
 def make_layers(names):
-    ctors = {"dense": DenseFFN, "rapid": RapidMoE, "deepspeed": DeepSpeedMoE}
+    ctors = {"dense": DenseFFN, "rapid": RapidMoE, "floor": GemmFloor, "deepspeed": DeepSpeedMoE}
     layers = {}
-    for name in names:
+    order = sorted(names, key=lambda n: n == "floor" and "rapid" in names)   # the floor after rapid: its shapes
+    for name in order:
         try:
             torch.manual_seed(0)
             layers[name] = ctors[name]()
@@ -97,6 +145,8 @@ def make_layers(names):
 
 
 def step(layer, x, g, dtype):
+    if isinstance(layer, GemmFloor):
+        return layer.floor_step(x, g, dtype)
     ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with ctx:
         out = layer(x)
@@ -133,12 +183,16 @@ def bench(T: int, dtype_name: str, iters: int, warmup: int, layers: dict) -> dic
             if it >= warmup:
                 times[name].append(time.perf_counter() - t0)
     x, g = fresh()
-    res = {name: {"ms": 1e3 * statistics.median(t), "peak_mib": peak_bytes(layers[name], x, g, dtype) / 2**20}
+    res = {name: {"ms": 1e3 * statistics.median(t),
+                  "peak_mib": peak_bytes(layers[name], x, g, dtype) / 2**20 if name != "floor" else float("nan")}
            for name, t in times.items()}
-    base = res["dense"]
-    for r in res.values():
-        r["time_x"] = r["ms"] / base["ms"]
-        r["mem_x"] = r["peak_mib"] / base["peak_mib"]
+    dense_flops = 6 * 2 * T * D_MODEL * D_FF
+    for name, r in res.items():
+        r["time_x"] = r["ms"] / res["dense"]["ms"]
+        r["mem_x"] = r["peak_mib"] / res["dense"]["peak_mib"]
+        r["gflops"] = (layers[name].flops() if name == "floor" else dense_flops) / r["ms"] / 1e6
+        if "floor" in res:
+            r["floor_x"] = r["ms"] / res["floor"]["ms"]
     return res
 
 
@@ -149,7 +203,9 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", nargs="+", default=["dense", "rapid", "deepspeed"])
+    ap.add_argument("--layers", nargs="+", default=["dense", "floor", "rapid", "deepspeed"])
+    ap.add_argument("--experts", type=int, nargs="+", default=[8],
+                    help="experts per layer (a sweep: 8 32 128); the FLOPs stay those of one dense FFN")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc malloc as it is (default: rapid.cpu.keep_freed_memory, for every layer)")
     ap.add_argument("--processes", type=int, default=1,
@@ -163,22 +219,38 @@ def main():
     if not args.system_malloc:
         from rapid.cpu import keep_freed_memory
         keep_freed_memory()
-    layers = make_layers(args.layers)
+    global EXPERTS
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"d_model {D_MODEL}, d_ff {D_FF}, {EXPERTS} experts, top-1, capacity factor {CF}, median of {args.iters}, "
+          f"d_model {D_MODEL}, d_ff {D_FF}, top-1, capacity factor {CF}, median of {args.iters}, "
           f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}")
-    print("| tokens | dtype | layer | ms/iter | x dense | peak MiB | x dense |")
-    print("|---:|---|---|---:|---:|---:|---:|")
+    print(HEADER)
     out = []
-    for T in args.tokens:
-        for dt in args.dtypes:
-            for name, r in bench(T, dt, args.iters, args.warmup, layers).items():
-                print(f"| {T} | {dt} | {name} | {r['ms']:.1f} | {r['time_x']:.3f} | {r['peak_mib']:.1f} | {r['mem_x']:.3f} |",
-                      flush=True)
-                out.append({"tokens": T, "dtype": dt, "layer": name, **r})
+    for E in args.experts:
+        EXPERTS = E
+        layers = make_layers(args.layers)
+        for T in args.tokens:
+            for dt in args.dtypes:
+                for name, r in bench(T, dt, args.iters, args.warmup, layers).items():
+                    row = {"experts": E, "tokens": T, "dtype": dt, "layer": name, **r}
+                    print(format_row(row), flush=True)
+                    out.append(row)
+        del layers
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
+
+
+HEADER = ("| experts | tokens | dtype | layer | ms/iter | x dense | x floor | GFLOP/s | peak MiB | x dense |\n"
+          "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(r: dict) -> str:
+    ratio = f"{r['time_x']:.3f}" + (f" ({r['time_x_min']:.3f}-{r['time_x_max']:.3f})" if "time_x_min" in r else "")
+    floor = f"{r['floor_x']:.3f}" if "floor_x" in r else "-"
+    mem = "-" if math.isnan(r["peak_mib"]) else f"{r['peak_mib']:.1f} | {r['mem_x']:.3f}"
+    mem = mem if "|" in mem else "- | -"
+    return (f"| {r['experts']} | {r['tokens']} | {r['dtype']} | {r['layer']} | {r['ms']:.1f} | {ratio} | {floor} | "
+            f"{r['gflops']:.0f} | {mem} |")
 
 
 def run_processes(args) -> None:
@@ -201,19 +273,18 @@ def run_processes(args) -> None:
             with open(path) as fh:
                 runs.append(json.load(fh))
     print(f"# {args.processes} processes x (median of {args.iters}); torch {torch.__version__}, {args.threads} threads, "
-          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}")
-    print("| tokens | dtype | layer | ms/iter | x dense (median) | x dense (range) | peak MiB | x dense |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}; x dense: median (range) over processes")
+    print(HEADER)
     out = []
     for rows in zip(*runs):
-        r0 = rows[0]
         ratios = sorted(r["time_x"] for r in rows)
-        agg = {"tokens": r0["tokens"], "dtype": r0["dtype"], "layer": r0["layer"],
-               "ms": statistics.median(r["ms"] for r in rows), "time_x": statistics.median(ratios),
-               "time_x_min": ratios[0], "time_x_max": ratios[-1], "peak_mib": r0["peak_mib"], "mem_x": r0["mem_x"]}
+        agg = {**rows[0], "ms": statistics.median(r["ms"] for r in rows), "time_x": statistics.median(ratios),
+               "time_x_min": ratios[0], "time_x_max": ratios[-1],
+               "gflops": statistics.median(r["gflops"] for r in rows)}
+        if "floor_x" in rows[0]:
+            agg["floor_x"] = statistics.median(r["floor_x"] for r in rows)
         out.append(agg)
-        print(f"| {agg['tokens']} | {agg['dtype']} | {agg['layer']} | {agg['ms']:.1f} | {agg['time_x']:.3f} | "
-              f"{agg['time_x_min']:.3f}-{agg['time_x_max']:.3f} | {agg['peak_mib']:.1f} | {agg['mem_x']:.3f} |")
+        print(format_row(agg))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -1,27 +1,43 @@
 """Kernel ops on the MoE hot path, resolved through the ``rapid_kernel`` hook by tensor device/dtype.
 
-permute:     (x_TD, expert_ids_TK, num_experts) -> (x_ND, Permutation)   rows grouped by expert
-grouped_mlp: (x_ND, counts_E, w1_EDF, w2_EFD, activation) -> y_ND        every expert's FFN
+route:       (logits_TE, top_k, capacity, drop_policy) -> RouteResult        softmax, top-k, capacity
+permute:     (x_TD, expert_ids_TK, num_experts, order=None) -> (x_ND, Permutation)   rows by expert
+grouped_mlp: (x_ND, counts_E, w1_EDF, w2_EFD, activation) -> y_ND              every expert's FFN
+unpermute:   (y_ND, Permutation, weights_TK) -> out_TD                         scatter back, weighted sum
+
+``route`` is the fused softmax + top-k + capacity of gated routers: fp32 probabilities, each token's
+``top_k`` experts, at most ``capacity`` assignments per expert (an int, a long tensor [E], or None:
+dropless) chosen by ``drop_policy`` (``rapid.moe.drop_priority``), and the expert order of the kept
+assignments, sorted once. A router reaches it through ``Router.route_topk`` and hands the order on in
+``Routing.order``; ``permute`` then gathers rows in that order instead of sorting again. A router that
+sets no order (any third-party one) gets the generic path: ``permute`` sorts.
 
 ``counts_E`` (rows per expert) is a long tensor on the rows' device: an expert-parallel dispatcher
 sends it to other ranks, and a GPU kernel reads it without a host sync (a CPU one may ``tolist()``).
-unpermute:   (y_ND, Permutation, weights_TK) -> out_TD                   scatter back, weighted sum
 
 Memory rule: ``grouped_mlp`` may reuse its input's storage in backward (write dx over x_ND), so
 its caller must not read x_ND after backward, and an implementation must copy an input that is a
 leaf or a view (a caller's own tensor) before doing so. Backward runs once (no ``retain_graph``).
+
+A backend (``rapid_kernel`` implementation) names itself with a module attribute ``KERNEL_BACKEND``
+and may define ``unavailable(op, device, dtype) -> str | None``: why it cannot serve a request (the
+error an explicit ``[kernels] backend`` gets). ``rapid kernels check`` runs the kernel contract
+(``rapid.builtin.kernels.contract``) over every installed backend on the current device.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from rapid import dist as rdist
 from rapid.errors import UserError
 
-OPS = ("permute", "grouped_mlp", "unpermute")
+OPS = ("route", "permute", "grouped_mlp", "unpermute")
+_announced: set[tuple] = set()   # (op, device type, dtype, backend) already logged in this process
 
 
 @dataclass
@@ -32,13 +48,24 @@ class Permutation:
     num_tokens: int       # T
 
 
+@dataclass
+class RouteResult:
+    probs_TE: Tensor       # fp32 softmax of the logits
+    top_TK: Tensor         # long: each token's top_k experts before capacity (slot 0 = first choice)
+    gates_TK: Tensor       # fp32: their probabilities
+    expert_ids_TK: Tensor  # long: top_TK with assignments over capacity set to -1
+    order: Permutation     # the kept assignments grouped by expert: what ``permute`` would sort
+
+
 class Kernels:
-    """Per-layer handle on the kernels hook; caches the choice per (op, device type, dtype)."""
+    """Per-layer handle on the kernels hook; caches the choice per (op, device type, dtype) and logs
+    it once per process."""
 
     def __init__(self, registry, backend: str = "auto"):
         valid = ["auto", *dict.fromkeys(b for b, _, _ in registry.kernel_providers())]
         if backend not in valid:
-            raise UserError(f"unknown kernels backend {backend!r}; valid: {', '.join(valid)}")
+            raise UserError(f"unknown kernels backend {backend!r}; valid: {', '.join(valid)}",
+                            hint="`rapid plugins` lists the installed kernel backends")
         self.registry = registry
         self.backend = backend
         self._cache: dict[tuple, object] = {}
@@ -48,12 +75,18 @@ class Kernels:
         key = (op, device.type, like.dtype)
         fn = self._cache.get(key)
         if fn is None:
-            fn = self.registry.kernel(op, device, like.dtype, self.backend)
+            name, fn = self.registry.kernel_choice(op, device, like.dtype, self.backend)
             if fn is None:
-                raise UserError(
-                    f"no {op!r} kernel for backend {self.backend!r} on {device.type}/{like.dtype}",
-                    hint='set [kernels] backend = "auto" to use whatever implementation fits')
+                why = self.registry.kernel_unavailable(self.backend, op, device, like.dtype)
+                raise UserError(f"kernels backend {self.backend!r} has no {op!r} for {device.type}/"
+                                f"{str(like.dtype).removeprefix('torch.')}" + (f": {why}" if why else ""),
+                                hint='set [kernels] backend = "auto" to use the best implementation available')
             self._cache[key] = fn
+            if (*key, name) not in _announced:
+                _announced.add((*key, name))
+                if device.type != "meta" and rdist.is_main():
+                    print(f"kernels: {op} on {device.type}/{str(like.dtype).removeprefix('torch.')} -> {name}",
+                          file=sys.stderr)
         return fn
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -61,8 +94,11 @@ class Kernels:
         for op in OPS:
             self.get(op, torch.empty(0, device="meta", dtype=dtype), device.type)
 
-    def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):
-        return self.get("permute", x_TD)(x_TD, expert_ids_TK, num_experts)
+    def route(self, logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
+        return self.get("route", logits_TE)(logits_TE, top_k, capacity, drop_policy)
+
+    def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):
+        return self.get("permute", x_TD)(x_TD, expert_ids_TK, num_experts, order=order)
 
     def grouped_mlp(self, x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
                     activation: str = "gelu") -> Tensor:

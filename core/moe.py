@@ -140,8 +140,8 @@ class Dispatcher:
     def __init__(self, kernels: Kernels):
         self.kernels = kernels
 
-    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts):
-        x_ND, perm = self.kernels.permute(x_TD, expert_ids_TK, experts.num_experts)
+    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts, order=None):
+        x_ND, perm = self.kernels.permute(x_TD, expert_ids_TK, experts.num_experts, order)
         return x_ND, perm.counts_E, perm
 
     def combine(self, y_ND: Tensor, perm, weights_TK: Tensor) -> Tensor:
@@ -166,6 +166,7 @@ class MoE(nn.Module):
                  residual: bool = False, activation: str = "gelu"):
         super().__init__()
         self.spec, self.router = spec, router
+        router.kernels = kernels
         self.dispatcher = Dispatcher(kernels)
         self.experts = Experts(spec.num_experts, spec.hidden, ffn, kernels, activation)
         # Residual MoE (DeepSpeed PR-MoE): a dense MLP beside the experts, mixed by a learned gate.
@@ -181,7 +182,7 @@ class MoE(nn.Module):
         extra = {"prev_token_ids_T": prev_token_ids_T} if self.router.needs_previous_tokens else {}
         routing = self.router(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T, **extra)
         routing.stats = {**routing_stats(routing, self.spec.num_experts), **routing.stats}
-        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, self.experts)
+        x_ND, counts_E, ctx = self.dispatcher.dispatch(x_TD, routing.expert_ids_TK, self.experts, routing.order)
         y_ND = self.experts(x_ND, counts_E)
         out_TD = self.dispatcher.combine(y_ND, ctx, routing.weights_TK).to(x_TD.dtype)
         if self.residual_mlp is not None:

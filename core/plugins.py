@@ -181,7 +181,23 @@ class Registry:
         return "\n".join(rows) + "\n"
 
     def kernel(self, op: str, device, dtype, backend: str):
-        return self.pm.hook.rapid_kernel(op=op, device=device, dtype=dtype, backend=backend)
+        return self.kernel_choice(op, device, dtype, backend)[1]
+
+    def kernel_choice(self, op: str, device, dtype, backend: str):
+        """(backend name, implementation) of the first ``rapid_kernel`` answer, in pluggy's call
+        order (what ``firstresult`` would return), or (None, None)."""
+        for impl in reversed(self.pm.hook.rapid_kernel.get_hookimpls()):   # pluggy calls the last first
+            fn = impl.function(op=op, device=device, dtype=dtype, backend=backend)
+            if fn is not None:
+                return getattr(impl.plugin, "KERNEL_BACKEND", self.pm.get_name(impl.plugin)), fn
+        return None, None
+
+    def kernel_unavailable(self, backend: str, op: str, device, dtype) -> str | None:
+        """Why ``backend`` cannot serve ``op`` on ``device``/``dtype``, if its plugin says."""
+        for impl in self.pm.hook.rapid_kernel.get_hookimpls():
+            if getattr(impl.plugin, "KERNEL_BACKEND", None) == backend and hasattr(impl.plugin, "unavailable"):
+                return impl.plugin.unavailable(op, device, dtype)
+        return None
 
     def kernel_providers(self) -> list[tuple[str, str, str]]:
         """(backend, plugin, distribution) for every ``rapid_kernel`` implementation; a plugin

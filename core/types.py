@@ -95,6 +95,7 @@ class Routing:
     logits_TE: Tensor | None = None     # router logits, None for routers without a gate (hash, RRE)
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, float | Tensor] = field(default_factory=dict)  # logged per layer and averaged
+    order: object | None = None         # rapid.kernels.Permutation from Router.route_topk: permute skips its sort
 
 
 class Router(nn.Module):
@@ -127,6 +128,17 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
         raise NotImplementedError
+
+    kernels = None   # the owning MoE layer's rapid.kernels.Kernels (set by it); None: the reference
+
+    def route_topk(self, logits_TE: Tensor, top_k: int, capacity):
+        """fp32 softmax + top-k + capacity (``spec.drop_policy`` picks who stays) through the fused
+        ``route`` kernel: a ``rapid.kernels.RouteResult``. Put its ``order`` into ``Routing.order`` so
+        dispatch does not sort again (only valid if the routing's expert ids are its ``expert_ids_TK``)."""
+        if self.kernels is None:
+            from rapid.builtin.kernels.reference import route
+            return route(logits_TE, top_k, capacity, self.spec.drop_policy)
+        return self.kernels.route(logits_TE, top_k, capacity, self.spec.drop_policy)
 
 
 # ---------------------------------------------------------------- parallel strategies

@@ -13,14 +13,48 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rapid import hookimpl
-from rapid.kernels import Permutation, compute_dtype
+from rapid.kernels import Permutation, RouteResult, compute_dtype
+from rapid.moe import drop_priority
 
 KERNEL_BACKEND = "reference"
 
 _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
-def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int):
+def route(logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
+    """Softmax, top-k and capacity in one pass, sorting once where the drop policy allows: with
+    ``position`` priority (or dropless) one stable sort by expert gives both the slots to keep and the
+    expert order; ``random``/``probs`` priority sorts by priority first (as ``apply_capacity``).
+    The kept set equals ``apply_capacity``'s for the same priorities (random ones drawn alike)."""
+    T, E = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    gates_TK, top_TK = probs_TE.max(dim=-1, keepdim=True) if top_k == 1 else probs_TE.topk(top_k, dim=-1)
+    flat = top_TK.reshape(-1)
+    if capacity is None or drop_policy == "position":
+        order = torch.argsort(flat, stable=True)                          # by expert, then by slot
+    else:
+        priority = drop_priority(drop_policy, gates_TK).reshape(-1)
+        by_priority = torch.argsort(priority, descending=True, stable=True)
+        order = by_priority[torch.argsort(flat[by_priority], stable=True)]
+    counts_E = torch.bincount(flat, minlength=E)
+    expert_ids_TK = top_TK
+    if capacity is not None:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        sorted_ids = flat[order]
+        rank = torch.arange(flat.numel(), device=flat.device) - starts_E[sorted_ids]
+        cap = capacity.to(flat.device)[sorted_ids] if isinstance(capacity, Tensor) else capacity
+        keep = rank < cap
+        order = order[keep]
+        counts_E = torch.minimum(counts_E, capacity.to(counts_E)) if isinstance(capacity, Tensor) \
+            else counts_E.clamp(max=capacity)
+        expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, top_k)
+    token_idx_N = order // top_k if top_k > 1 else order
+    return RouteResult(probs_TE, top_TK, gates_TK, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T))
+
+
+def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):
+    if order is not None:                                                # route already sorted
+        return x_TD.index_select(0, order.token_idx_N), order
     T, K = expert_ids_TK.shape
     flat = expert_ids_TK.reshape(-1)
     key = torch.where(flat >= 0, flat, num_experts)           # dropped assignments sort last
@@ -48,9 +82,11 @@ def _act_backward_(grad: Tensor, h: Tensor, activation: str) -> Tensor:
 class _GroupedMLP(torch.autograd.Function):
     """y = act(x @ w1[e]) @ w2[e] over each expert's contiguous rows.
 
-    Saves only x and the pre-activation h (the activation is recomputed) and runs backward in two
-    passes that reuse those buffers: pass 1 computes dW2 and overwrites h with dh, pass 2 computes
-    dW1 and overwrites x with dx. No [N, F] or [N, D] buffer is allocated in backward, so the peak
+    Saves only x and the pre-activation h (the activation is recomputed). Backward makes one pass
+    over the experts, each expert's four products back to back while its rows and weights are in
+    cache (with 128 experts the weights, not the FLOPs, are what costs: each is read once per pass):
+    dW2 = act(h)^T g, dh = act'(h) * (g w2^T) written over h, dW1 = x^T dh, dx = dh w1^T written over
+    x. No [N, F] or [N, D] buffer is allocated in backward beyond one expert's activation, so the peak
     stays under a dense FFN's plus the experts' own weight gradients. Because backward consumes its
     saved tensors it runs once per forward (no ``retain_graph``)."""
 
@@ -74,19 +110,17 @@ class _GroupedMLP(torch.autograd.Function):
         ctx.consumed = True
         x_ND, h_NF, w1_EDF, w2_EFD = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_w2 = _weight_grad(w2_EFD, ctx.counts_E)
-        for e, rows in _expert_rows(ctx.counts_E):          # pass 1: dW2, then h <- dh
-            h, g = h_NF[rows], grad_ND[rows]
+        grad_w1, grad_w2 = _weight_grad(w1_EDF, ctx.counts_E), _weight_grad(w2_EFD, ctx.counts_E)
+        want_dx = ctx.needs_input_grad[0]
+        for e, rows in _expert_rows(ctx.counts_E):
+            x, h, g = x_ND[rows], h_NF[rows], grad_ND[rows]
             a = _act(h, ctx.activation)
             torch.mm(a.t(), g, out=grad_w2[e])
-            _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
-            del a  # free before the next expert's activation is allocated
-        grad_w1 = _weight_grad(w1_EDF, ctx.counts_E)
-        want_dx = ctx.needs_input_grad[0]
-        for e, rows in _expert_rows(ctx.counts_E):          # pass 2: dW1, then x <- dx
-            torch.mm(x_ND[rows].t(), h_NF[rows], out=grad_w1[e])
+            _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)   # h <- dh
+            del a
+            torch.mm(x.t(), h, out=grad_w1[e])
             if want_dx:
-                torch.mm(h_NF[rows], w1_EDF[e].t(), out=x_ND[rows])
+                torch.mm(h, w1_EDF[e].t(), out=x)                                    # x <- dx
         # x_ND now holds dx (the kernel contract allows it: ``grouped_mlp`` copies leaf and view
         # inputs first). The out= writes bump x_ND's version counter, so any other op that saved
         # x_ND fails loudly in its backward, never silently.
@@ -157,7 +191,7 @@ def unpermute(y_ND: Tensor, perm: Permutation, weights_TK: Tensor) -> Tensor:
     return _Unpermute.apply(y_ND, w_N, perm.token_idx_N, perm.num_tokens)
 
 
-KERNELS = {"permute": permute, "grouped_mlp": grouped_mlp, "unpermute": unpermute}
+KERNELS = {"route": route, "permute": permute, "grouped_mlp": grouped_mlp, "unpermute": unpermute}
 
 
 @hookimpl(trylast=True)

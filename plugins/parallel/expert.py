@@ -85,10 +85,10 @@ class AllToAllDispatcher(Dispatcher):
         self.ep = ep
         self.bytes_sent = 0    # rows this rank sent to other ranks in forward all-to-alls (backward: as many)
 
-    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts):
+    def dispatch(self, x_TD: Tensor, expert_ids_TK: Tensor, experts: Experts, order=None):
         from torch.distributed._functional_collectives import all_to_all_single_autograd
         ep, group = self.ep.ep, self.ep.ep_group
-        x_ND, perm = self.kernels.permute(x_TD, expert_ids_TK, experts.num_experts)
+        x_ND, perm = self.kernels.permute(x_TD, expert_ids_TK, experts.num_experts, order)
         send_RE = perm.counts_E.view(ep, experts.count)           # rows for each rank's experts
         recv_RE = torch.empty_like(send_RE)
         dist.all_to_all_single(recv_RE, send_RE, group=group)     # rows each rank sends my experts

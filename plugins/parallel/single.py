@@ -85,7 +85,8 @@ class LocalEngine(Engine):
 
     def grad_norm_squared(self, params: list) -> Tensor:
         """Sum of squares of the whole model's gradient; here every gradient is whole and local."""
-        return torch.stack([p.grad.float().pow(2).sum() for p in params]).sum() if params else torch.zeros(())
+        norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32) if params else []
+        return torch.stack(norms).pow(2).sum() if params else torch.zeros(())
 
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -96,8 +97,7 @@ class LocalEngine(Engine):
         grad_norm = float(self.grad_norm_squared(params).sqrt())
         skipped = not math.isfinite(grad_norm)   # the update is not applied, the schedule waits
         if not skipped and self.clip > 0 and grad_norm > self.clip:
-            for p in params:
-                p.grad.mul_(self.clip / (grad_norm + 1e-6))
+            torch._foreach_mul_([p.grad for p in params], self.clip / (grad_norm + 1e-6))
         stats = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         if self.scaler:
             stats["loss_scale"] = self.scaler.get_scale()

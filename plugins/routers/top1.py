@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from rapid import hookimpl
 from rapid.errors import UserError
-from rapid.moe import apply_capacity, drop_priority
 from rapid.types import Fraction, MoESpec, Router, Routing
 
 
@@ -59,20 +58,18 @@ class Top1Router(Router):
 
     def route(self, logits_TE: Tensor) -> Routing:
         """Routing from fp32 logits (separate from ``forward`` so it can be checked in isolation)."""
-        T, E = logits_TE.shape
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        prob_T1, top1_T1 = probs_TE.max(dim=-1, keepdim=True)
-        capacity = self.spec.capacity(T, self.training)
-        expert_ids_T1 = apply_capacity(top1_T1, drop_priority(self.spec.drop_policy, prob_T1), E, capacity)
-        kept_T1 = expert_ids_T1 >= 0
-        weights_T1 = prob_T1 if self.config.gate_weights == "prob" else torch.ones_like(prob_T1)
+        capacity = self.spec.capacity(logits_TE.shape[0], self.training)
+        r = self.route_topk(logits_TE, 1, capacity)      # softmax, argmax, capacity and the expert order
+        kept_T1 = r.expert_ids_TK >= 0
+        weights_T1 = r.gates_TK if self.config.gate_weights == "prob" else torch.ones_like(r.gates_TK)
         weights_T1 = weights_T1 * kept_T1
         return Routing(
-            expert_ids_TK=expert_ids_T1,
+            expert_ids_TK=r.expert_ids_TK,
             weights_TK=weights_T1,
             logits_TE=logits_TE,
-            losses={"load_balance": load_balance_loss(probs_TE, top1_T1.squeeze(1)), "z_loss": z_loss(logits_TE)},
+            losses={"load_balance": load_balance_loss(r.probs_TE, r.top_TK.squeeze(1)), "z_loss": z_loss(logits_TE)},
             stats={"capacity": float(capacity or 0)},
+            order=r.order,
         )
 
 

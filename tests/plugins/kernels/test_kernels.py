@@ -113,7 +113,7 @@ def test_explicit_backend_without_kernel_is_an_error():
     from rapid.errors import UserError
     reg = Registry(make_plugin_manager(autoload=False, extra=[_CudaOnly()]))
     k = Kernels(reg, "cudaonly")
-    with pytest.raises(UserError, match="no 'permute' kernel for backend 'cudaonly' on cpu/torch.float32"):
+    with pytest.raises(UserError, match="kernels backend 'cudaonly' has no 'route' for cpu/float32"):
         k.check(torch.device("cpu"), torch.float32)
     Kernels(reg, "auto").check(torch.device("cpu"), torch.float32)      # the reference answers
 
@@ -125,7 +125,7 @@ def test_unknown_backend_lists_valid():
 
 
 def test_ops_listed():
-    assert OPS == ("permute", "grouped_mlp", "unpermute")
+    assert OPS == ("route", "permute", "grouped_mlp", "unpermute")
 
 
 def test_bf16_autocast_runs_in_bf16():

@@ -88,7 +88,7 @@ def test_matches_deepspeed_top1gating_rts(T, E, cf, min_cap, monkeypatch):
     r = router(E=E, capacity_factor=cf, min_capacity=min_cap, drop_policy="random")
     top1 = logits.argmax(-1)
     priority = uniform_TE.gather(1, top1[:, None])  # the draw DeepSpeed ranks each token by
-    monkeypatch.setattr("rapid.builtin.routers.top1.drop_priority", lambda policy, probs: priority)
+    monkeypatch.setattr("rapid.builtin.kernels.reference.drop_priority", lambda policy, probs: priority)
     out = r.route(logits)
 
     assert combine_TEC.shape[2] == r.spec.capacity(T, training=True)

@@ -132,7 +132,7 @@ def test_top_k_1_is_top1(monkeypatch):
     logits = torch.randn(100, 4) * 2
     pri = torch.rand(100, 1)
     monkeypatch.setattr(f"{MOD}.drop_priority", lambda pol, probs: pri)
-    monkeypatch.setattr("rapid.builtin.routers.top1.drop_priority", lambda pol, probs: pri)
+    monkeypatch.setattr("rapid.builtin.kernels.reference.drop_priority", lambda pol, probs: pri)
     spec = dict(capacity_factor=0.8, min_capacity=1)
     ours = router(E=4, k=1, second_policy="sampling", **spec).route(logits)
     ref = Top1Router(Top1Router.Config(), MoESpec(hidden=32, num_experts=4, **spec)).route(logits)
