@@ -85,8 +85,12 @@ class LocalEngine(Engine):
 
     def grad_norm_squared(self, params: list) -> Tensor:
         """Sum of squares of the whole model's gradient; here every gradient is whole and local."""
-        norms = torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float32) if params else []
-        return torch.stack(norms).pow(2).sum() if params else torch.zeros(())
+        if not params:
+            return torch.zeros(())
+        grads = [p.grad for p in params]
+        if _plain(grads):                    # one fused pass (torch's foreach ops take no DTensor mix)
+            return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum()
+        return torch.stack([g.float().pow(2).sum() for g in grads]).sum()
 
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -97,7 +101,12 @@ class LocalEngine(Engine):
         grad_norm = float(self.grad_norm_squared(params).sqrt())
         skipped = not math.isfinite(grad_norm)   # the update is not applied, the schedule waits
         if not skipped and self.clip > 0 and grad_norm > self.clip:
-            torch._foreach_mul_([p.grad for p in params], self.clip / (grad_norm + 1e-6))
+            grads, scale = [p.grad for p in params], self.clip / (grad_norm + 1e-6)
+            if _plain(grads):
+                torch._foreach_mul_(grads, scale)
+            else:
+                for g in grads:
+                    g.mul_(scale)
         stats = {"lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         if self.scaler:
             stats["loss_scale"] = self.scaler.get_scale()
@@ -192,3 +201,8 @@ class Single(ParallelStrategy):
 @hookimpl
 def rapid_register_parallel():
     return {"single": Single}
+
+
+def _plain(tensors: list[Tensor]) -> bool:
+    """Plain tensors on one device: torch's foreach ops apply (not to DTensors or a device mix)."""
+    return all(type(t) is Tensor for t in tensors) and len({t.device for t in tensors}) <= 1
