@@ -73,21 +73,21 @@ class Kernels:
     def get(self, op: str, like: Tensor, device_type: str | None = None):
         device = torch.device(device_type) if device_type else like.device
         key = (op, device.type, like.dtype)
-        fn = self._cache.get(key)
-        if fn is None:
+        hit = self._cache.get(key)
+        if hit is None:
             name, fn = self.registry.kernel_choice(op, device, like.dtype, self.backend)
             if fn is None:
                 why = self.registry.kernel_unavailable(self.backend, op, device, like.dtype)
                 raise UserError(f"kernels backend {self.backend!r} has no {op!r} for {device.type}/"
                                 f"{str(like.dtype).removeprefix('torch.')}" + (f": {why}" if why else ""),
                                 hint='set [kernels] backend = "auto" to use the best implementation available')
-            self._cache[key] = fn
-            if (*key, name) not in _announced:
-                _announced.add((*key, name))
-                if device.type != "meta" and rdist.is_main():
-                    print(f"kernels: {op} on {device.type}/{str(like.dtype).removeprefix('torch.')} -> {name}",
-                          file=sys.stderr)
-        return fn
+            hit = self._cache[key] = (name, fn)
+        if like.device.type != "meta" and (*key, hit[0]) not in _announced:   # first real use, not checks
+            _announced.add((*key, hit[0]))
+            if rdist.is_main():
+                print(f"kernels: {op} on {device.type}/{str(like.dtype).removeprefix('torch.')} -> {hit[0]}",
+                      file=sys.stderr)
+        return hit[1]
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Resolve every op for ``device``/``dtype`` now (before a run writes anything)."""

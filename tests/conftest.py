@@ -4,6 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before anything imports triton (deepspeed does): its
+    # standard library (tl.sum, tl.cumsum, ...) is defined at import, interpreted or compiled. The
+    # triton kernel backend is then tested on the CPU; it still serves nothing unless asked by name.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from rapid.plugins import Registry, make_plugin_manager
 
 REPO = Path(__file__).resolve().parents[1]
