@@ -211,18 +211,27 @@ def main():
     ap.add_argument("--processes", type=int, default=1,
                     help="repeat the whole measurement in N fresh processes and report the median ratio and "
                          "its range (on noisy machines the dense baseline alone varies +-15%% between processes)")
+    ap.add_argument("--mlock", action="store_true",
+                    help="mlockall: keep this process's memory resident (on VMs whose kernel reclaims idle pages, "
+                         "e.g. DAMON, freed buffers are otherwise paged out between rounds and faulted back in)")
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
     if args.processes > 1:
         return run_processes(args)
     torch.set_num_threads(args.threads)
+    if args.mlock:
+        import ctypes
+        import ctypes.util
+        MCL_CURRENT, MCL_FUTURE = 1, 2
+        if ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+            raise SystemExit(f"mlockall failed (errno {ctypes.get_errno()}): raise RLIMIT_MEMLOCK or run without --mlock")
     if not args.system_malloc:
         from rapid.cpu import keep_freed_memory
         keep_freed_memory()
     global EXPERTS
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"d_model {D_MODEL}, d_ff {D_FF}, top-1, capacity factor {CF}, median of {args.iters}, "
-          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}")
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}{', mlockall' if args.mlock else ''}")
     print(HEADER)
     out = []
     for E in args.experts:

@@ -72,6 +72,12 @@ def _act(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h, approximate=_GELU_APPROX[activation])
 
 
+def _act_into(h: Tensor, activation: str, out: Tensor) -> Tensor:
+    if activation == "relu":
+        return torch.clamp_min(h, 0, out=out)
+    return torch.ops.aten.gelu.out(h, approximate=_GELU_APPROX[activation], out=out)
+
+
 def _act_backward_(grad: Tensor, h: Tensor, activation: str) -> Tensor:
     """Overwrite ``h`` with d act(h) * grad (elementwise, so writing over an input is safe)."""
     if activation == "relu":
@@ -86,9 +92,11 @@ class _GroupedMLP(torch.autograd.Function):
     over the experts, each expert's four products back to back while its rows and weights are in
     cache (with 128 experts the weights, not the FLOPs, are what costs: each is read once per pass):
     dW2 = act(h)^T g, dh = act'(h) * (g w2^T) written over h, dW1 = x^T dh, dx = dh w1^T written over
-    x. No [N, F] or [N, D] buffer is allocated in backward beyond one expert's activation, so the peak
-    stays under a dense FFN's plus the experts' own weight gradients. Because backward consumes its
-    saved tensors it runs once per forward (no ``retain_graph``)."""
+    x. The one [n_e, F] temporary per expert (act(h), then g w2^T) lives in the part of dW1's buffer
+    not written yet, so backward allocates nothing beyond the weight gradients while an expert has
+    at most (experts left) x D rows, and the peak stays under a dense FFN's plus the experts' own
+    weight gradients. Backward consumes its saved tensors: it runs once per forward (no
+    ``retain_graph``)."""
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDF, w2_EFD, counts_E, activation):
@@ -110,17 +118,23 @@ class _GroupedMLP(torch.autograd.Function):
         ctx.consumed = True
         x_ND, h_NF, w1_EDF, w2_EFD = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_w1, grad_w2 = _weight_grad(w1_EDF, ctx.counts_E), _weight_grad(w2_EFD, ctx.counts_E)
+        grad_w1, grad_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        unwritten_w1 = grad_w1.view(-1)        # grad_w1[e:], not written yet: expert e's scratch space
         want_dx = ctx.needs_input_grad[0]
         for e, rows in _expert_rows(ctx.counts_E):
             x, h, g = x_ND[rows], h_NF[rows], grad_ND[rows]
-            a = _act(h, ctx.activation)
+            n, F_ = h.shape
+            free = unwritten_w1[e * w1_EDF[0].numel():]
+            a = free[: n * F_].view(n, F_) if free.numel() >= n * F_ else torch.empty_like(h)
+            _act_into(h, ctx.activation, a)
             torch.mm(a.t(), g, out=grad_w2[e])
             _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)   # h <- dh
-            del a
-            torch.mm(x.t(), h, out=grad_w1[e])
+            torch.mm(x.t(), h, out=grad_w1[e])                                     # a's space is reused
             if want_dx:
                 torch.mm(h, w1_EDF[e].t(), out=x)                                    # x <- dx
+        for e, n in enumerate(ctx.counts_E):   # experts without rows: zeros (not None: they stay in the graph)
+            if not n:
+                grad_w1[e].zero_(), grad_w2[e].zero_()
         # x_ND now holds dx (the kernel contract allows it: ``grouped_mlp`` copies leaf and view
         # inputs first). The out= writes bump x_ND's version counter, so any other op that saved
         # x_ND fails loudly in its backward, never silently.
@@ -137,16 +151,6 @@ def _forward_layout(w_EIO: Tensor) -> Tensor:
     if w_EIO.dtype == torch.float32 or w_EIO.device.type != "cpu":
         return w_EIO
     return w_EIO.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _weight_grad(w_EIO: Tensor, counts_E: list[int]) -> Tensor:
-    """The gradient buffer of stacked expert weights: experts with rows are written whole by their
-    matmul; experts without rows get zeros (not None), so they stay in the autograd graph."""
-    grad = torch.empty_like(w_EIO)
-    for e, n in enumerate(counts_E):
-        if not n:
-            grad[e].zero_()
-    return grad
 
 
 def _expert_rows(counts_E: list[int]):
