@@ -9,7 +9,7 @@ The layer: router logits -> route (fp32 softmax, top-1, capacity factor 1.25) ->
 grouped_mlp (d 1024, ff 4096, gelu) -> unpermute, weights random; each iteration draws new inputs
 (routing changes every step). Reported per point: ms per forward+backward (CUDA events, median),
 the ratio to the dense FFN, and achieved TFLOP/s (the dense FFN's 6 * 2 * T * d * ff FLOPs over
-each time). Backends that cannot run here are listed with the reason and skipped.
+each time: dense-equivalent, so capacity drops count as work). Inputs are drawn outside the timed region. Backends that cannot run here are listed with the reason and skipped.
 
 The contract check runs first: a backend that disagrees with the reference is not timed.
 """
@@ -41,12 +41,15 @@ def moe_step(k, x, gate, w1, w2, g, E):
     out.backward(g)
 
 
-def timed(fn, iters: int) -> float:
+def timed(fn, make_inputs, iters: int) -> float:
+    """Median ms of ``fn(*make_inputs())``; the inputs are drawn before each timed call."""
     times = []
     for _ in range(iters):
+        args = make_inputs()
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fn(*args)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -69,6 +72,10 @@ def main():
 
     reg = Registry()
     dev, dt = torch.device("cuda"), torch.bfloat16
+    installed = ["auto", *dict.fromkeys(name for name, _, _ in reg.kernel_providers())]
+    unknown = [b for b in args.backends if b not in installed]
+    if unknown:
+        raise SystemExit(f"unknown backend(s) {', '.join(unknown)}; installed: {', '.join(installed)}")
     backends = []
     for b in args.backends:
         why = None if b == "auto" else reg.kernel_unavailable(b, "permute", dev, dt)
@@ -93,13 +100,12 @@ def main():
         def inputs():
             return (torch.randn(T, D, device=dev, dtype=dt, requires_grad=True),
                     torch.randn(T, D, device=dev, dtype=dt))
-        def dense():
-            x, g = inputs()
+        def dense(x, g):
             w1d.grad = w2d.grad = None
             dense_step(x, w1d, w2d, g)
         for _ in range(args.warmup):
-            dense()
-        base = timed(dense, args.iters)
+            dense(*inputs())
+        base = timed(dense, inputs, args.iters)
         print(f"| {T} | - | dense | {base:.2f} | 1.000 | {flops / base / 1e9:.1f} |", flush=True)
         for E in args.experts:
             gate = torch.randn(D, E, device=dev) * 0.02
@@ -108,14 +114,13 @@ def main():
             for b in backends:
                 k = Kernels(reg, b)
 
-                def step():
-                    x, g = inputs()
+                def step(x, g):
                     w1.grad = w2.grad = None
                     moe_step(k, x, gate, w1, w2, g, E)
                 try:
                     for _ in range(args.warmup):
-                        step()
-                    ms = timed(step, args.iters)
+                        step(*inputs())
+                    ms = timed(step, inputs, args.iters)
                 except Exception as exc:       # a backend that fails at this size: say so, go on
                     print(f"| {T} | {E} | {b} | failed: {type(exc).__name__}: {str(exc)[:80]} | | |", flush=True)
                     continue

@@ -27,6 +27,8 @@ error an explicit ``[kernels] backend`` gets). ``rapid kernels check`` runs the 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -46,6 +48,13 @@ class Permutation:
     slot_N: Tensor        # long [N]: index of the row's assignment in the flattened [T*K] routing
     counts_E: Tensor      # long [E]: rows per expert, in expert order
     num_tokens: int       # T
+    ids_TK: Tensor | None = None   # route: the expert ids this order was made for, and their version
+    ids_version: int = -1
+
+    def describes(self, expert_ids_TK: Tensor) -> bool:
+        """True if this order was made from exactly these ids, unchanged since (a router that edits
+        or replaces ``route_topk``'s ids after routing gets the generic sort, never a stale order)."""
+        return self.ids_TK is expert_ids_TK and expert_ids_TK._version == self.ids_version
 
 
 @dataclass
@@ -70,22 +79,24 @@ class Kernels:
         self.backend = backend
         self._cache: dict[tuple, object] = {}
 
-    def get(self, op: str, like: Tensor, device_type: str | None = None):
+    def get(self, op: str, like: Tensor, device_type: str | None = None, dtype: torch.dtype | None = None):
+        """The implementation of ``op`` for tensors like ``like`` (or on ``device_type`` with ``dtype``)."""
         device = torch.device(device_type) if device_type else like.device
-        key = (op, device.type, like.dtype)
+        dtype = dtype or like.dtype
+        key = (op, device.type, dtype)
         hit = self._cache.get(key)
         if hit is None:
-            name, fn = self.registry.kernel_choice(op, device, like.dtype, self.backend)
+            name, fn = self.registry.kernel_choice(op, device, dtype, self.backend)
             if fn is None:
-                why = self.registry.kernel_unavailable(self.backend, op, device, like.dtype)
+                why = self.registry.kernel_unavailable(self.backend, op, device, dtype)
                 raise UserError(f"kernels backend {self.backend!r} has no {op!r} for {device.type}/"
-                                f"{str(like.dtype).removeprefix('torch.')}" + (f": {why}" if why else ""),
+                                f"{str(dtype).removeprefix('torch.')}" + (f": {why}" if why else ""),
                                 hint='set [kernels] backend = "auto" to use the best implementation available')
             hit = self._cache[key] = (name, fn)
         if like.device.type != "meta" and (*key, hit[0]) not in _announced:   # first real use, not checks
             _announced.add((*key, hit[0]))
             if rdist.is_main():
-                print(f"kernels: {op} on {device.type}/{str(like.dtype).removeprefix('torch.')} -> {hit[0]}",
+                print(f"kernels: {op} on {device.type}/{str(dtype).removeprefix('torch.')} -> {hit[0]}",
                       file=sys.stderr)
         return hit[1]
 
@@ -98,14 +109,29 @@ class Kernels:
         return self.get("route", logits_TE)(logits_TE, top_k, capacity, drop_policy)
 
     def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):
-        return self.get("permute", x_TD)(x_TD, expert_ids_TK, num_experts, order=order)
+        fn = self.get("permute", x_TD)
+        if order is None or not order.describes(expert_ids_TK) or not _takes_order(fn):
+            return fn(x_TD, expert_ids_TK, num_experts)    # the generic path: permute sorts
+        return fn(x_TD, expert_ids_TK, num_experts, order=order)
 
     def grouped_mlp(self, x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
-                    activation: str = "gelu") -> Tensor:
-        return self.get("grouped_mlp", x_ND)(x_ND, counts_E, w1_EDF, w2_EFD, activation)
+                    activation: str = "gelu") -> Tensor:   # chosen by the dtype the products run in (autocast)
+        fn = self.get("grouped_mlp", x_ND, dtype=compute_dtype(x_ND))
+        return fn(x_ND, counts_E, w1_EDF, w2_EFD, activation)
 
     def unpermute(self, y_ND: Tensor, perm: Permutation, weights_TK: Tensor) -> Tensor:
         return self.get("unpermute", y_ND)(y_ND, perm, weights_TK)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_order(fn) -> bool:
+    """Whether a permute implementation accepts a handed-over ``order`` (one written before the
+    ``route`` op existed does not: it keeps working, and sorts)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "order" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -189,8 +189,11 @@ class Registry:
     def kernel_choice(self, op: str, device, dtype, backend: str):
         """(backend name, implementation) of the first ``rapid_kernel`` answer, in pluggy's call
         order (what ``firstresult`` would return), or (None, None)."""
+        args = {"op": op, "device": device, "dtype": dtype, "backend": backend}
         for impl in reversed(self.pm.hook.rapid_kernel.get_hookimpls()):   # pluggy calls the last first
-            fn = impl.function(op=op, device=device, dtype=dtype, backend=backend)
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                continue
+            fn = impl.function(*(args[name] for name in impl.argnames))   # a subset, as pluggy allows
             if fn is not None:
                 return getattr(impl.plugin, "KERNEL_BACKEND", self.pm.get_name(impl.plugin)), fn
         return None, None

@@ -124,8 +124,10 @@ def check_backend(registry, backend: str, device: torch.device, dtype: torch.dty
 
 
 def _check_route(impl, ref, logits, case, dtype):
-    for policy in ("position", "probs"):
+    for policy in ("position", "probs", "random"):
+        torch.manual_seed(11)                    # random priorities: the same draws for both
         a = impl.route(logits, case.K, case.capacity, policy)
+        torch.manual_seed(11)
         b = ref.route(logits, case.K, case.capacity, policy)
         if not torch.equal(a.expert_ids_TK.cpu(), b.expert_ids_TK.cpu()):
             return f"{policy}: expert ids differ from the reference's"
@@ -135,7 +137,9 @@ def _check_route(impl, ref, logits, case, dtype):
             if problem := _close(getattr(a, name), getattr(b, name), torch.float32):
                 return f"{policy}: {name}: {problem}"
         la, lb = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        torch.manual_seed(11)
         ga = _grads(impl.route(la, case.K, case.capacity, policy).gates_TK, (la,), 9)[0]
+        torch.manual_seed(11)
         gb = _grads(ref.route(lb, case.K, case.capacity, policy).gates_TK, (lb,), 9)[0]
         if problem := _close(ga, gb, torch.float32):
             return f"{policy}: d_logits through the gates: {problem}"
@@ -161,7 +165,7 @@ def _check_permute(impl, ref, x, ids, case, dtype):
         return "rows are not grouped by expert in slot order (stable)"
     if not torch.equal(a_x.cpu(), b_x.cpu()):
         return "gathered rows differ"
-    order_x, order = impl.permute(x, ids, case.E, order=b)
+    order_x, order = impl.get("permute", x)(x, ids, case.E, order=b)      # the implementation itself
     if order is not b or not torch.equal(order_x.cpu(), b_x.cpu()):
         return "with a given order: rows are not x[order.token_idx_N]"
     return None
@@ -224,6 +228,8 @@ def check_all(registry, device: torch.device, dtypes: list[str], backends: list[
             ops = [op for op in OPS if registry.kernel_choice(op, device, dtype, backend)[1] is not None]
             if not ops:
                 why = registry.kernel_unavailable(backend, OPS[0], device, dtype) or "serves no op here"
+                if backends:                     # asked for by name: that it cannot run is the answer
+                    raise UserError(f"kernels backend {backend!r} cannot run on {device.type}/{name}: {why}")
                 rows.append((backend, name, "-", f"skipped: {why}"))
                 continue
             found = check_backend(registry, backend, device, dtype)

@@ -3,10 +3,11 @@
 ``route`` (fused softmax + top-k and a stable counting sort for the expert order), ``permute`` and
 ``unpermute`` (gathers, forward and backward) are CUDA C++ in ``csrc/`` (plain CUDA kernels in
 ``moe_kernels.cu``, the torch binding in ``moe_binding.cpp``), compiled with
-``torch.utils.cpp_extension.load`` at first use on a machine with nvcc and a CUDA build of torch,
-and cached in ``$RAPID_CACHE/torch_extensions``. ``grouped_mlp`` is served where torch has
-``torch._grouped_mm`` and the GPU runs it (bf16 on compute capability 9.0 and newer); elsewhere this
-backend does not answer for it, and ``auto`` takes the next implementation (Triton's grouped GEMM).
+``torch.utils.cpp_extension.load`` when the backend is first checked on a machine with nvcc and a
+CUDA build of torch (a failed build makes the backend unavailable, with the compiler's message), and
+cached in ``$RAPID_CACHE/torch_extensions/<torch version>-cu<CUDA version>``. ``grouped_mlp`` is
+``torch._grouped_mm`` where the GPU runs it (bf16 on compute capability 9.0 and newer) and cuBLAS
+products per expert (``torch.mm``, one host sync for the counts) elsewhere.
 
 CI has nvcc but no GPU: ``tests/plugins/kernels/test_cuda_sources.py`` compiles the ``.cu`` file with
 nvcc to an object file and checks the binding's syntax with the host compiler.
@@ -50,8 +51,10 @@ def unavailable(op, device, dtype) -> str | None:
         return "nvcc not found (set CUDA_HOME): the kernels are compiled at first use"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"dtype {dtype} (fp32, bf16 and fp16 only)"
-    if op == "grouped_mlp" and not _has_grouped_mm(device, dtype):
-        return "grouped_mlp uses torch._grouped_mm: bf16 on compute capability 9.0+ (Triton's serves the rest)"
+    try:
+        extension()
+    except Exception as exc:      # a compiler or version mismatch: say so at selection, not mid-run
+        return f"building the CUDA extension failed: {type(exc).__name__}: {str(exc)[-500:]}"
     return None
 
 
@@ -67,7 +70,8 @@ def extension():
     global _ext
     if _ext is None:
         from torch.utils.cpp_extension import load
-        build = Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
+        build = (Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
+                 / f"{torch.__version__}-cu{torch.version.cuda}")        # never a module built for another torch
         build.mkdir(parents=True, exist_ok=True)
         _ext = load("rapid_moe_cuda", [str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
                     extra_cflags=["-O3", "-std=c++20"], extra_cuda_cflags=["-O3", "-std=c++20"],
@@ -114,7 +118,11 @@ def _act(h: Tensor, activation: str) -> Tensor:
 
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, activation: str = "gelu") -> Tensor:
     """Each expert's FFN over its row block with two ``torch._grouped_mm`` calls (offsets = the
-    cumulative counts, on the device: no host sync); autograd differentiates them."""
+    cumulative counts, on the device: no host sync; autograd differentiates them), or, where the GPU
+    has no grouped GEMM for the dtype, cuBLAS products per expert (the reference's loop)."""
+    if not _has_grouped_mm(x_ND.device, compute_dtype(x_ND)):
+        from rapid.builtin.kernels.reference import grouped_mlp as per_expert
+        return per_expert(x_ND, counts_E, w1_EDF, w2_EFD, activation)
     x_ND = x_ND.to(compute_dtype(x_ND))
     offs = torch.cumsum(torch.as_tensor(counts_E, device=x_ND.device), 0).to(torch.int32)
     with torch.autocast("cuda", enabled=False):

@@ -54,7 +54,8 @@ def route(rows, logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> Ro
             else counts_E.clamp(max=capacity)
         expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, top_k)
     token_idx_N = order // top_k if top_k > 1 else order
-    return RouteResult(probs, top, gates, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T))
+    return RouteResult(probs, top, gates, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T,
+                                                                         expert_ids_TK, expert_ids_TK._version))
 
 
 def row_of_slot(perm: Permutation, slots: int) -> Tensor:

@@ -49,7 +49,8 @@ def route(logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteRes
             else counts_E.clamp(max=capacity)
         expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, top_k)
     token_idx_N = order // top_k if top_k > 1 else order
-    return RouteResult(probs_TE, top_TK, gates_TK, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T))
+    return RouteResult(probs_TE, top_TK, gates_TK, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T,
+                                                                         expert_ids_TK, expert_ids_TK._version))
 
 
 def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):

@@ -79,7 +79,7 @@ def _kernels():
 
     @triton.jit
     def softmax_topk(logits, probs, top, gates, T, E, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
-        rows = tl.program_id(0) * BT + tl.arange(0, BT)
+        rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)   # 64-bit offsets: rows * E may pass 2^31
         cols = tl.arange(0, BE)
         rmask, cmask = rows < T, cols < E
         m2 = rmask[:, None] & cmask[None, :]
@@ -93,6 +93,7 @@ def _kernels():
         for k in tl.static_range(K):        # k rounds of argmax; ties go to the lower expert id
             best = tl.max(work, axis=1)
             idx = tl.min(tl.where(work == best[:, None], cols[None, :], BE), axis=1)
+            idx = tl.minimum(idx, E - 1)    # NaN logits match nothing: a valid id, never one past the end
             tl.store(top + rows * K + k, idx.to(tl.int64), mask=rmask)
             tl.store(gates + rows * K + k, best, mask=rmask)
             work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
@@ -101,7 +102,7 @@ def _kernels():
     def block_histogram(keys, hist, n, NB: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr):
         """hist[b, e]: how many of block b's keys equal e (keys in 0..NB-1; NB = E + 1 buckets)."""
         b = tl.program_id(0)
-        offs = b * BN + tl.arange(0, BN)
+        offs = (b * BN + tl.arange(0, BN)).to(tl.int64)
         k = tl.load(keys + offs, mask=offs < n, other=BE)
         buckets = tl.arange(0, BE)
         counts = tl.sum((k[:, None] == buckets[None, :]).to(tl.int64), axis=0)
@@ -112,7 +113,7 @@ def _kernels():
         """Stable counting sort, last pass: element i of block b goes to base[b, key] + (how many
         earlier elements of the block share its key); dest[pos] = src_index[i]."""
         b = tl.program_id(0)
-        offs = b * BN + tl.arange(0, BN)
+        offs = (b * BN + tl.arange(0, BN)).to(tl.int64)
         valid = offs < n
         k = tl.load(keys + offs, mask=valid, other=BE)
         onehot = (k[:, None] == tl.arange(0, BE)[None, :]).to(tl.int32)
@@ -125,7 +126,7 @@ def _kernels():
     @triton.jit
     def gather_rows(src, idx, out, n, D, BN: tl.constexpr, BD: tl.constexpr):
         """out[i] = src[idx[i]] (idx < 0: zeros)."""
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rows = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
         i = tl.load(idx + rows, mask=rows < n, other=-1)
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
@@ -137,7 +138,7 @@ def _kernels():
     def combine_rows(src, row_of_slot, weight_of_slot, out, T, D, K: tl.constexpr, WEIGHTED: tl.constexpr,
                      BT: tl.constexpr, BD: tl.constexpr):
         """out[t] = sum_k w[t, k] * src[row_of_slot[t, k]] over the slots that have a row (fp32 sum)."""
-        toks = tl.program_id(0) * BT + tl.arange(0, BT)
+        toks = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             m = (toks[:, None] < T) & (cols[None, :] < D)
@@ -153,7 +154,7 @@ def _kernels():
     @triton.jit
     def scale_rows_dot(g, y, token_of_row, w_row, dy, dw, N, D, BN: tl.constexpr, BD: tl.constexpr):
         """Backward of the weighted combine for row r of token t: dy[r] = w[r] * g[t], dw[r] = <g[t], y[r]>."""
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        rows = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)
         rm = rows < N
         t = tl.load(token_of_row + rows, mask=rm, other=0)
         w = tl.load(w_row + rows, mask=rm, other=0.0).to(tl.float32)
@@ -187,11 +188,11 @@ def _kernels():
             for k0 in range(0, KD, BK):
                 ks = k0 + tl.arange(0, BK)
                 av = tl.load(a + rows[:, None] * KD + ks[None, :], mask=rmask[:, None] & (ks[None, :] < KD), other=0.0)
-                bv = tl.load(b + e * sbe + ks[:, None] * sbk + cols[None, :] * sbn,
+                bv = tl.load(b + e.to(tl.int64) * sbe + ks[:, None] * sbk + cols[None, :] * sbn,
                              mask=(ks[:, None] < KD) & (cols[None, :] < MD), other=0.0)
                 if UPCAST:
                     av, bv = av.to(tl.float32), bv.to(tl.float32)
-                acc += tl.dot(av, bv)
+                acc += tl.dot(av, bv, input_precision="ieee")   # fp32 stays fp32 (no TF32)
             tl.store(c + rows[:, None] * MD + cols[None, :], acc.to(c.dtype.element_ty),
                      mask=rmask[:, None] & (cols[None, :] < MD))
 
@@ -212,8 +213,8 @@ def _kernels():
             bv = tl.load(b + (r0 + rs)[:, None] * KB + ns[None, :], mask=rm[:, None] & (ns[None, :] < KB), other=0.0)
             if UPCAST:
                 at, bv = at.to(tl.float32), bv.to(tl.float32)
-            acc += tl.dot(at, bv)
-        tl.store(c + e * KA * KB + ms[:, None] * KB + ns[None, :], acc.to(c.dtype.element_ty),
+            acc += tl.dot(at, bv, input_precision="ieee")
+        tl.store(c + e.to(tl.int64) * KA * KB + ms[:, None] * KB + ns[None, :], acc.to(c.dtype.element_ty),
                  mask=(ms[:, None] < KA) & (ns[None, :] < KB))
 
     _K[_interpret()] = dict(softmax_topk=softmax_topk, block_histogram=block_histogram, block_scatter=block_scatter,

@@ -31,6 +31,11 @@ template <typename T> T* ptr(const torch::Tensor& t) { return reinterpret_cast<T
 
 cudaStream_t as_stream(int64_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
+void launched(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "rapid cuda kernel ", kernel, " failed to launch: ", cudaGetErrorString(err));
+}
+
 }  // namespace
 
 torch::Tensor gather_rows(torch::Tensor src, torch::Tensor idx, int64_t stream) {
@@ -39,6 +44,7 @@ torch::Tensor gather_rows(torch::Tensor src, torch::Tensor idx, int64_t stream) 
   by_dtype(src, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rapid_moe::gather_rows<T>(ptr<T>(src), idx.data_ptr<int64_t>(), ptr<T>(out), idx.numel(), src.size(1), as_stream(stream));
+    launched("gather_rows");
   });
   return out;
 }
@@ -52,6 +58,7 @@ torch::Tensor combine_rows(torch::Tensor src, torch::Tensor row_of_slot, c10::op
     const T* w = w_slots ? ptr<T>(*w_slots) : nullptr;
     rapid_moe::combine_rows<T>(ptr<T>(src), row_of_slot.data_ptr<int64_t>(), w, ptr<T>(out), tokens, src.size(1),
                                static_cast<int>(k), as_stream(stream));
+    launched("combine_rows");
   });
   return out;
 }
@@ -65,6 +72,7 @@ std::vector<torch::Tensor> scale_rows_dot(torch::Tensor g, torch::Tensor y, torc
     using T = std::remove_pointer_t<decltype(tag)>;
     rapid_moe::scale_rows_dot<T>(ptr<T>(g), ptr<T>(y), token_of_row.data_ptr<int64_t>(), ptr<T>(w_row), ptr<T>(dy),
                                  dw.data_ptr<float>(), y.size(0), y.size(1), as_stream(stream));
+    launched("scale_rows_dot");
   });
   return {dy, dw};
 }
@@ -72,12 +80,14 @@ std::vector<torch::Tensor> scale_rows_dot(torch::Tensor g, torch::Tensor y, torc
 std::vector<torch::Tensor> softmax_topk(torch::Tensor logits, int64_t k, int64_t stream) {
   check(logits, "logits");
   TORCH_CHECK(logits.scalar_type() == torch::kFloat, "softmax_topk takes fp32 logits");
+  TORCH_CHECK(k >= 1 && k <= logits.size(1), "softmax_topk: k = ", k, " with ", logits.size(1), " experts");
   const auto T = logits.size(0), E = logits.size(1);
   auto probs = torch::empty_like(logits);
   auto top = torch::empty({T, k}, logits.options().dtype(torch::kLong));
   auto gates = torch::empty({T, k}, logits.options());
   rapid_moe::softmax_topk(logits.data_ptr<float>(), probs.data_ptr<float>(), top.data_ptr<int64_t>(),
                           gates.data_ptr<float>(), T, static_cast<int>(E), static_cast<int>(k), as_stream(stream));
+  launched("softmax_topk");
   return {probs, top, gates};
 }
 
@@ -87,6 +97,7 @@ torch::Tensor block_histogram(torch::Tensor keys, int64_t buckets, int64_t strea
   auto hist = torch::zeros({blocks, buckets}, keys.options());
   rapid_moe::block_histogram(keys.data_ptr<int64_t>(), hist.data_ptr<int64_t>(), keys.numel(),
                              static_cast<int>(buckets), as_stream(stream));
+  launched("block_histogram");
   return hist;
 }
 
@@ -95,6 +106,7 @@ torch::Tensor block_scatter(torch::Tensor keys, torch::Tensor base, int64_t buck
   auto order = torch::empty({keys.numel()}, keys.options());
   rapid_moe::block_scatter(keys.data_ptr<int64_t>(), base.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
                            keys.numel(), static_cast<int>(buckets), as_stream(stream));
+  launched("block_scatter");
   return order;
 }
 

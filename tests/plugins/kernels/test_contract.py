@@ -103,7 +103,9 @@ def test_kernels_check_bad_input_is_one_error(capsys):
     from rapid.cli import main
     for argv, needle in ((["kernels", "check", "--backend", "fastest"], "unknown kernels backend 'fastest'; installed:"),
                          (["kernels", "check", "--dtype", "fp8"], "unknown dtype 'fp8'; valid: fp32"),
-                         (["kernels", "check", "--device", "tpu"], "--device 'tpu'; valid: auto, cpu, cuda")):
+                         (["kernels", "check", "--device", "tpu"], "--device 'tpu'; valid: auto, cpu, cuda"),
+                         (["kernels", "check", "--device", "cpu", "--backend", "cuda"],
+                          "kernels backend 'cuda' cannot run on cpu/fp32: CUDA kernels run on CUDA devices only")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err
@@ -197,3 +199,98 @@ def test_a_router_without_an_order_takes_the_generic_path(monkeypatch):
     calls = _count_sorts(monkeypatch)
     out, routing = moe(x, ids, ids)
     assert routing.order is None and len(calls) >= 1 and out.shape == x.shape
+
+
+# ---------------------------------------------------------------- review regressions
+class _PadAwareTop1:
+    """A top-1 subclass that drops padding tokens (id 0) after routing: replaced ids, or edited in place."""
+
+    @staticmethod
+    def make(in_place: bool):
+        from rapid.builtin.routers.top1 import Top1Router
+
+        class PadAware(Top1Router):
+            def forward(self, x_TD, *, token_ids_T, domain_ids_T):
+                r = super().forward(x_TD, token_ids_T=token_ids_T, domain_ids_T=domain_ids_T)
+                pad = (token_ids_T == 0)[:, None]
+                if in_place:
+                    r.expert_ids_TK.masked_fill_(pad, -1)
+                else:
+                    r.expert_ids_TK = r.expert_ids_TK.masked_fill(pad, -1)
+                r.weights_TK = r.weights_TK.masked_fill(pad, 0.0)
+                return r
+        return PadAware
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_ids_edited_after_routing_never_use_a_stale_order(in_place):
+    from rapid.moe import MoE
+    from rapid.types import MoESpec
+    spec = MoESpec(hidden=8, num_experts=4, top_k=1, capacity_factor=1.0, eval_capacity_factor=1.0,
+                   min_capacity=1, drop_policy="position", dropless=True, vocab_size=10)
+    cls = _PadAwareTop1.make(in_place)
+    torch.manual_seed(0)
+    moe = MoE(spec, cls(cls.Config(), spec), 16, Kernels(REG, "auto"))
+    x, tok = torch.randn(6, 8), torch.tensor([0, 0, 3, 4, 5, 6])
+    out, routing = moe(x, tok, tok)
+    assert torch.all(out[:2] == 0)                          # padding went to no expert
+    x_ND, counts_E, perm = moe.dispatcher.dispatch(x, routing.expert_ids_TK, moe.experts)
+    assert int(counts_E.sum()) == 4 and not routing.order.describes(routing.expert_ids_TK)
+
+
+def test_nan_logits_route_to_valid_experts(interpret):
+    logits = torch.randn(6, 8)
+    logits[2] = float("nan")
+    for backend in ("reference", "triton"):
+        r = Kernels(REG, backend).route(logits, 2, None, "position")
+        assert int(r.top_TK.min()) >= 0 and int(r.top_TK.max()) < 8, backend
+        assert r.order.slot_N.sort().values.tolist() == list(range(12)), backend
+
+
+class _OldStyleKernels:
+    """A kernel plugin written against the three-op hook: its hookimpl takes a subset of the hook's
+    arguments (pluggy allows it) and its permute has no ``order`` keyword."""
+    KERNEL_BACKEND = "oldstyle"
+
+    @rapid.hookimpl
+    def rapid_kernel(self, op, backend):
+        if backend != "oldstyle":
+            return None
+        if op == "permute":
+            return lambda x, ids, E: reference.permute(x, ids, E)
+        return reference.KERNELS[op]
+
+
+def test_a_hookimpl_with_fewer_arguments_and_an_old_permute_still_work():
+    class Wrapper:
+        @rapid.hookimpl(hookwrapper=True)
+        def rapid_kernel(self, op):
+            yield
+    reg = Registry(make_plugin_manager(autoload=False, extra=[_OldStyleKernels(), Wrapper()]))
+    name, fn = reg.kernel_choice("permute", torch.device("cpu"), torch.float32, "oldstyle")
+    assert name == "oldstyle" and callable(fn)
+    k = Kernels(reg, "oldstyle")
+    logits = torch.randn(10, 3)
+    r = k.route(logits, 1, None, "position")
+    x = torch.randn(10, 4)
+    x_ND, perm = k.permute(x, r.expert_ids_TK, 3, order=r.order)     # its permute takes no order: sorts
+    assert torch.equal(x_ND, x.index_select(0, r.order.token_idx_N))
+
+
+def test_grouped_mlp_is_chosen_by_the_autocast_dtype():
+    seen = []
+
+    class Spy:
+        KERNEL_BACKEND = "spy"
+
+        @rapid.hookimpl
+        def rapid_kernel(self, op, device, dtype, backend):
+            if backend == "spy":
+                seen.append((op, dtype))
+                return reference.KERNELS[op]
+    reg = Registry(make_plugin_manager(autoload=False, extra=[Spy()]))
+    k = Kernels(reg, "spy")
+    x, w1, w2 = torch.randn(5, 4), torch.randn(2, 4, 8), torch.randn(2, 8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k.grouped_mlp(x, torch.tensor([2, 3]), w1, w2)
+    assert ("grouped_mlp", torch.bfloat16) in seen
