@@ -70,13 +70,14 @@ class Kernels:
     """Per-layer handle on the kernels hook; caches the choice per (op, device type, dtype) and logs
     it once per process."""
 
-    def __init__(self, registry, backend: str = "auto"):
+    def __init__(self, registry, backend: str = "auto", pad_rows: int = 0):
         valid = ["auto", *dict.fromkeys(b for b, _, _ in registry.kernel_providers())]
         if backend not in valid:
             raise UserError(f"unknown kernels backend {backend!r}; valid: {', '.join(valid)}",
                             hint="`rapid plugins` lists the installed kernel backends")
         self.registry = registry
         self.backend = backend
+        self.pad_rows = pad_rows      # [kernels] pad_rows: grouped_mlp pads each expert's rows to a multiple
         self._cache: dict[tuple, object] = {}
 
     def get(self, op: str, like: Tensor, device_type: str | None = None, dtype: torch.dtype | None = None):
@@ -103,7 +104,11 @@ class Kernels:
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Resolve every op for ``device``/``dtype`` now (before a run writes anything)."""
         for op in OPS:
-            self.get(op, torch.empty(0, device="meta", dtype=dtype), device.type)
+            fn = self.get(op, torch.empty(0, device="meta", dtype=dtype), device.type)
+            if op == "grouped_mlp" and self.pad_rows and "pad_rows" not in inspect.signature(fn).parameters:
+                raise UserError(f"[kernels] pad_rows = {self.pad_rows}: the grouped_mlp chosen for {device.type}/"
+                                f"{str(dtype).removeprefix('torch.')} ({self._cache[('grouped_mlp', device.type, dtype)][0]}) "
+                                "does not pad rows", hint='set [kernels] backend = "reference", or pad_rows = 0')
 
     def route(self, logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
         return self.get("route", logits_TE)(logits_TE, top_k, capacity, drop_policy)
@@ -117,6 +122,8 @@ class Kernels:
     def grouped_mlp(self, x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
                     activation: str = "gelu") -> Tensor:   # chosen by the dtype the products run in (autocast)
         fn = self.get("grouped_mlp", x_ND, dtype=compute_dtype(x_ND))
+        if self.pad_rows:
+            return fn(x_ND, counts_E, w1_EDF, w2_EFD, activation, pad_rows=self.pad_rows)
         return fn(x_ND, counts_E, w1_EDF, w2_EFD, activation)
 
     def unpermute(self, y_ND: Tensor, perm: Permutation, weights_TK: Tensor) -> Tensor:

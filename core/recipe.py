@@ -70,6 +70,7 @@ class OptimConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"             # auto, or a registered kernel backend (`rapid plugins`)
+    pad_rows: NonNegative = 0         # >0: experts' GEMM rows padded to a multiple (bf16 on AMX CPUs)
 
 
 PLUGIN_TABLES = {"model": ("model", "gpt_moe"), "router": ("router", "top1"),
@@ -339,7 +340,7 @@ def build_model(recipe: Recipe, registry, domains: tuple[str, ...] | None = None
     ``domains``) and the training data's count of each token id (``token_counts``, when known)."""
     model_cls = registry.get("model", recipe.names["model"])
     router_cls = registry.get("router", recipe.names["router"])
-    kernels = Kernels(registry, recipe.kernels.backend)
+    kernels = Kernels(registry, recipe.kernels.backend, recipe.kernels.pad_rows)
     data = recipe.data
     names = tuple(domains if domains is not None else getattr(data, "keep_domains", ()) or getattr(data, "domains", ()))
 

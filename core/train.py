@@ -219,7 +219,7 @@ def preflight(recipe: Recipe, registry: Registry, world: int):
     strategy.check(recipe)
     device = strategy.device(recipe.run.device)
     registry.check_run(recipe, world, device)       # the planner: stop before allocating what cannot fit
-    kernels = Kernels(registry, recipe.kernels.backend)
+    kernels = Kernels(registry, recipe.kernels.backend, recipe.kernels.pad_rows)
     for dtype in {torch.float32, PRECISION_DTYPES[recipe.parallel.precision]}:
         kernels.check(device, dtype)
     return strategy, device, LossFn(recipe, registry)

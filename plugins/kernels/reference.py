@@ -100,16 +100,22 @@ class _GroupedMLP(torch.autograd.Function):
     ``retain_graph``)."""
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w2_EFD, counts_E, activation):
+    def forward(ctx, x_ND, w1_EDF, w2_EFD, counts_E, activation, pad_rows):
         N = x_ND.shape[0]
         h_NF = x_ND.new_empty(N, w1_EDF.shape[2])
         y_ND = x_ND.new_empty(N, w2_EFD.shape[2])
         w1_fwd, w2_fwd = _forward_layout(w1_EDF), _forward_layout(w2_EFD)
         for e, rows in _expert_rows(counts_E):
+            if pad_rows and (rows.stop - rows.start) % pad_rows:
+                x = _pad(x_ND[rows], pad_rows)
+                h = torch.mm(x, w1_fwd[e])
+                h_NF[rows] = h[: rows.stop - rows.start]
+                y_ND[rows] = torch.mm(_act(h, activation), w2_fwd[e])[: rows.stop - rows.start]
+                continue
             torch.mm(x_ND[rows], w1_fwd[e], out=h_NF[rows])
             torch.mm(_act(h_NF[rows], activation), w2_fwd[e], out=y_ND[rows])
         ctx.save_for_backward(x_ND, h_NF, w1_EDF, w2_EFD)
-        ctx.counts_E, ctx.activation, ctx.consumed = counts_E, activation, False
+        ctx.counts_E, ctx.activation, ctx.pad_rows, ctx.consumed = counts_E, activation, pad_rows, False
         return y_ND
 
     @staticmethod
@@ -125,6 +131,15 @@ class _GroupedMLP(torch.autograd.Function):
         for e, rows in _expert_rows(ctx.counts_E):
             x, h, g = x_ND[rows], h_NF[rows], grad_ND[rows]
             n, F_ = h.shape
+            if ctx.pad_rows and n % ctx.pad_rows:   # the same products over zero-padded rows
+                x, h, g = _pad(x, ctx.pad_rows), _pad(h, ctx.pad_rows), _pad(g, ctx.pad_rows)
+                a = _act(h, ctx.activation)
+                torch.mm(a.t(), g, out=grad_w2[e])
+                _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
+                torch.mm(x.t(), h, out=grad_w1[e])
+                if want_dx:
+                    x_ND[rows] = torch.mm(h, w1_EDF[e].t())[:n]
+                continue
             free = unwritten_w1[e * w1_EDF[0].numel():]
             a = free[: n * F_].view(n, F_) if free.numel() >= n * F_ else torch.empty_like(h)
             _act_into(h, ctx.activation, a)
@@ -139,7 +154,7 @@ class _GroupedMLP(torch.autograd.Function):
         # x_ND now holds dx (the kernel contract allows it: ``grouped_mlp`` copies leaf and view
         # inputs first). The out= writes bump x_ND's version counter, so any other op that saved
         # x_ND fails loudly in its backward, never silently.
-        return x_ND if want_dx else None, grad_w1, grad_w2, None, None
+        return x_ND if want_dx else None, grad_w1, grad_w2, None, None, None
 
 
 def _forward_layout(w_EIO: Tensor) -> Tensor:
@@ -163,14 +178,26 @@ def _expert_rows(counts_E: list[int]):
             start += n
 
 
+def _pad(rows: Tensor, multiple: int) -> Tensor:
+    """``rows`` followed by zero rows up to a multiple of ``multiple`` (zero rows add nothing to any
+    product here: act(0) = 0 for every activation, and their gradients are zero)."""
+    n = rows.shape[0]
+    out = rows.new_zeros(-(-n // multiple) * multiple, rows.shape[1])
+    out[:n] = rows
+    return out
+
+
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w1_EDF: Tensor, w2_EFD: Tensor,
-                activation: str = "gelu") -> Tensor:
+                activation: str = "gelu", pad_rows: int = 0) -> Tensor:
+    """``pad_rows`` > 0 runs each expert's products over its rows zero-padded to a multiple of it,
+    so the GEMM shapes come from a small stable set ([kernels] pad_rows: for bf16 on CPUs with AMX,
+    where oneDNN builds a kernel for every new shape)."""
     counts_E = counts_E.tolist() if isinstance(counts_E, Tensor) else list(counts_E)   # the loops need ints
     x_ND = x_ND.to(compute_dtype(x_ND))
     if x_ND.requires_grad and (x_ND.is_leaf or x_ND._base is not None):
         x_ND = x_ND.clone()   # backward writes dx over its input: never over the caller's tensor
     with torch.autocast(x_ND.device.type, enabled=False):
-        return _GroupedMLP.apply(x_ND, w1_EDF.to(x_ND.dtype), w2_EFD.to(x_ND.dtype), counts_E, activation)
+        return _GroupedMLP.apply(x_ND, w1_EDF.to(x_ND.dtype), w2_EFD.to(x_ND.dtype), counts_E, activation, pad_rows)
 
 
 class _Unpermute(torch.autograd.Function):

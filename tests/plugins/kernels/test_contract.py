@@ -294,3 +294,36 @@ def test_grouped_mlp_is_chosen_by_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         k.grouped_mlp(x, torch.tensor([2, 3]), w1, w2)
     assert ("grouped_mlp", torch.bfloat16) in seen
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_padded_rows_give_the_same_results_with_few_gemm_shapes(monkeypatch, activation):
+    """[kernels] pad_rows: every expert product runs over a multiple of 16 rows (a small, stable set
+    of shapes for oneDNN's bf16 kernels on AMX CPUs) and the results equal the unpadded ones."""
+    x, ids, w, w1, w2 = (t.float() if t.is_floating_point() else t for t in
+                         __import__("tests.plugins.kernels.test_kernels", fromlist=["_case"])._case(T=70, K=1))
+    results = []
+    for pad in (0, 16):
+        k = Kernels(REG, "reference", pad_rows=pad)
+        xx, a, b = x.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
+        rows = []
+        real = torch.mm
+        monkeypatch.setattr(torch, "mm", lambda p, q, **kw: rows.append(p.shape[0]) or real(p, q, **kw))
+        x_ND, perm = k.permute(xx, ids, 5)
+        y = k.grouped_mlp(x_ND, perm.counts_E, a, b, activation)
+        out = k.unpermute(y, perm, w)
+        grads = torch.autograd.grad(out.square().sum(), (xx, a, b))
+        monkeypatch.undo()
+        results.append((out, *grads))
+        if pad:
+            forward_rows = rows[: 2 * int((perm.counts_E > 0).sum())]
+            assert all(r % 16 == 0 for r in forward_rows), forward_rows
+            assert any(n % 16 for n in perm.counts_E.tolist())          # padding was needed
+    for p, q in zip(*results):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-5)
+
+
+def test_pad_rows_with_a_kernel_that_cannot_pad_is_refused(interpret):
+    with pytest.raises(UserError, match=r"\[kernels\] pad_rows = 16: the grouped_mlp chosen for cpu/float32 "
+                                        r"\(triton\) does not pad rows"):
+        Kernels(REG, "triton", pad_rows=16).check(torch.device("cpu"), torch.float32)
