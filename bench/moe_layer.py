@@ -79,8 +79,9 @@ class RapidMoE(nn.Module):
 class GemmFloor(nn.Module):
     """The physical limit of the MoE layer here: its six matrix products alone (two forward, four
     backward) at the per-expert row counts of rapid's layer in the same round, with ``torch.mm`` into
-    preallocated outputs, plus one write of the experts' weight gradients (fresh buffers, zeros for
-    experts without rows). No routing, gather, scatter or activation."""
+    outputs allocated once (no allocator or page-fault cost), plus one write of the experts' weight
+    gradients (the products write them; experts without rows get zeros). No routing, gather,
+    scatter or activation."""
 
     counts: list[int] | None = None
 
@@ -98,8 +99,12 @@ class GemmFloor(nn.Module):
         N = sum(counts)
         x, g = x_TD[:N].to(dtype), g_TD[:N].to(dtype)
         w1, w2 = self.w1_EDF.to(dtype), self.w2_EFD.to(dtype)
-        h, y, dh, dx = (x.new_empty(N, D_FF), x.new_empty(N, D_MODEL), x.new_empty(N, D_FF), x.new_empty(N, D_MODEL))
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
+        if getattr(self, "_buffers_for", None) != (x.dtype, x_TD.shape[0]):
+            T = x_TD.shape[0]
+            self._bufs = (x.new_empty(T, D_FF), x.new_empty(T, D_MODEL), x.new_empty(T, D_FF),
+                          x.new_empty(T, D_MODEL), torch.empty_like(w1), torch.empty_like(w2))
+            self._buffers_for = (x.dtype, T)
+        h, y, dh, dx, gw1, gw2 = self._bufs
         start = 0
         for e, n in enumerate(counts):
             if not n:

@@ -67,10 +67,16 @@ def rapid_register_losses():
 def rapid_kernel(op, device, dtype, backend):
     """Return the implementation of kernel ``op`` for tensors on ``device`` with ``dtype``, or None.
 
-    ``op`` is one of ``rapid.kernels.OPS`` (``permute``, ``grouped_mlp``, ``unpermute``).
-    ``backend`` is the recipe's ``[kernels] backend``: ``"auto"`` lets any implementation answer;
-    any other value must only be answered by the implementation of that name. The first non-None
-    answer wins; the pure-torch reference is registered ``trylast`` and answers every device.
+    ``op`` is one of ``rapid.kernels.OPS`` (``route``, ``permute``, ``grouped_mlp``, ``unpermute``;
+    signatures in ``rapid.kernels``). ``backend`` is the recipe's ``[kernels] backend``: ``"auto"``
+    lets any implementation answer; any other value must only be answered by the implementation of
+    that name. The first non-None answer wins; the pure-torch reference is registered ``trylast`` and
+    answers every device. The plugin names its backend with ``KERNEL_BACKEND`` and may define
+    ``unavailable(op, device, dtype) -> str | None`` (why it does not answer: the error an explicit
+    backend gets). ``permute`` may accept ``order=`` (a route's expert order, to gather without
+    sorting) and ``grouped_mlp`` ``pad_rows=`` (``[kernels] pad_rows``); without them the generic path
+    runs, or the recipe is refused. ``rapid kernels check`` tests an implementation against the
+    reference.
     """
 
 
