@@ -27,7 +27,6 @@ error an explicit ``[kernels] backend`` gets). ``rapid kernels check`` runs the 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ class Kernels:
         """Resolve every op for ``device``/``dtype`` now (before a run writes anything)."""
         for op in OPS:
             fn = self.get(op, torch.empty(0, device="meta", dtype=dtype), device.type)
-            if op == "grouped_mlp" and self.pad_rows and "pad_rows" not in inspect.signature(fn).parameters:
+            if op == "grouped_mlp" and self.pad_rows and not _accepts(fn, "pad_rows"):
                 raise UserError(f"[kernels] pad_rows = {self.pad_rows}: the grouped_mlp chosen for {device.type}/"
                                 f"{str(dtype).removeprefix('torch.')} ({self._cache[('grouped_mlp', device.type, dtype)][0]}) "
                                 "does not pad rows", hint='set [kernels] backend = "reference", or pad_rows = 0')
@@ -130,15 +129,24 @@ class Kernels:
         return self.get("unpermute", y_ND)(y_ND, perm, weights_TK)
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_order(fn) -> bool:
-    """Whether a permute implementation accepts a handed-over ``order`` (one written before the
-    ``route`` op existed does not: it keeps working, and sorts)."""
+def _accepts(fn, name: str) -> bool:
+    """Whether kernel ``fn`` takes keyword ``name`` (a permute written before the ``route`` op has
+    no ``order``: it keeps working, and sorts)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "order" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+_order_ok: dict[int, tuple[object, bool]] = {}
+
+
+def _takes_order(fn) -> bool:
+    hit = _order_ok.get(id(fn))
+    if hit is None or hit[0] is not fn:       # keyed by identity: implementations need not be hashable
+        hit = _order_ok[id(fn)] = (fn, _accepts(fn, "order"))
+    return hit[1]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

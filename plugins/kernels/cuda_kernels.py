@@ -6,8 +6,9 @@
 ``torch.utils.cpp_extension.load`` when the backend is first checked on a machine with nvcc and a
 CUDA build of torch (a failed build makes the backend unavailable, with the compiler's message), and
 cached in ``$RAPID_CACHE/torch_extensions/<torch version>-cu<CUDA version>``. ``grouped_mlp`` is
-``torch._grouped_mm`` where the GPU runs it (bf16 on compute capability 9.0 and newer) and cuBLAS
-products per expert (``torch.mm``, one host sync for the counts) elsewhere.
+``torch._grouped_mm`` where the GPU runs it (bf16 on compute capability 9.0 and newer); elsewhere
+``auto`` takes Triton's grouped GEMM, and an explicit ``cuda`` runs cuBLAS products per expert
+(``torch.mm``, one host sync for the counts).
 
 CI has nvcc but no GPU: ``tests/plugins/kernels/test_cuda_sources.py`` compiles the ``.cu`` file with
 nvcc to an object file and checks the binding's syntax with the host compiler.
@@ -32,6 +33,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "moe_binding.cpp", CSRC / "moe_kernels.cu"]
 _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 _ext = None
+_build_error: str | None = None    # a failed build is remembered: never compiled again in this process
 
 
 def _has_grouped_mm(device, dtype) -> bool:
@@ -62,20 +64,28 @@ def unavailable(op, device, dtype) -> str | None:
 def rapid_kernel(op, device, dtype, backend):
     if backend not in ("auto", KERNEL_BACKEND) or op not in KERNELS or unavailable(op, device, dtype):
         return None
+    if op == "grouped_mlp" and backend == "auto" and not _has_grouped_mm(device, dtype):
+        return None      # auto: Triton's grouped GEMM beats cuBLAS per expert (and its host sync)
     return KERNELS[op]
 
 
 def extension():
     """The compiled extension (built once per machine, then loaded from the cache)."""
-    global _ext
+    global _ext, _build_error
+    if _build_error is not None:
+        raise RuntimeError(_build_error)
     if _ext is None:
         from torch.utils.cpp_extension import load
         build = (Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
                  / f"{torch.__version__}-cu{torch.version.cuda}")        # never a module built for another torch
         build.mkdir(parents=True, exist_ok=True)
-        _ext = load("rapid_moe_cuda", [str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-                    extra_cflags=["-O3", "-std=c++20"], extra_cuda_cflags=["-O3", "-std=c++20"],
-                    build_directory=str(build), verbose=False)
+        try:
+            _ext = load("rapid_moe_cuda", [str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
+                        extra_cflags=["-O3", "-std=c++20"], extra_cuda_cflags=["-O3", "-std=c++20"],
+                        build_directory=str(build), verbose=False)
+        except Exception as exc:
+            _build_error = f"{type(exc).__name__}: {exc}"
+            raise
     return _ext
 
 

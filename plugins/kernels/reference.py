@@ -125,7 +125,8 @@ class _GroupedMLP(torch.autograd.Function):
         ctx.consumed = True
         x_ND, h_NF, w1_EDF, w2_EFD = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
-        grad_w1, grad_w2 = torch.empty_like(w1_EDF), torch.empty_like(w2_EFD)
+        grad_w1 = torch.empty_like(w1_EDF, memory_format=torch.contiguous_format)   # its tail is scratch space
+        grad_w2 = torch.empty_like(w2_EFD, memory_format=torch.contiguous_format)
         unwritten_w1 = grad_w1.view(-1)        # grad_w1[e:], not written yet: expert e's scratch space
         want_dx = ctx.needs_input_grad[0]
         for e, rows in _expert_rows(ctx.counts_E):

@@ -89,13 +89,14 @@ def _kernels():
         ez = tl.where(m2, tl.exp(z), 0.0)
         p = ez / tl.where(rmask, tl.sum(ez, axis=1), 1.0)[:, None]
         tl.store(probs + rows[:, None] * E + cols[None, :], p, mask=m2)
-        work = tl.where(m2, p, -1.0)
+        # NaN probabilities (NaN logits) rank as -0.5: still distinct, valid ids, and a NaN gate
+        work = tl.where(m2, tl.where(p == p, p, -0.5), -1.0)
         for k in tl.static_range(K):        # k rounds of argmax; ties go to the lower expert id
             best = tl.max(work, axis=1)
             idx = tl.min(tl.where(work == best[:, None], cols[None, :], BE), axis=1)
-            idx = tl.minimum(idx, E - 1)    # NaN logits match nothing: a valid id, never one past the end
+            idx = tl.minimum(idx, E - 1)
             tl.store(top + rows * K + k, idx.to(tl.int64), mask=rmask)
-            tl.store(gates + rows * K + k, best, mask=rmask)
+            tl.store(gates + rows * K + k, tl.where(best == -0.5, float("nan"), best), mask=rmask)
             work = tl.where(cols[None, :] == idx[:, None], -2.0, work)
 
     @triton.jit

@@ -89,12 +89,14 @@ __global__ void softmax_topk_kernel(const float* __restrict__ logits, float* __r
       for (int i = 0; i < j; ++i) taken |= top[t * k + i] == e;
       if (!taken && p[e] > bv) { bv = p[e]; best = e; }
     }
-    if (best < 0)                            // NaN probabilities match nothing: a valid, untaken id
+    if (best < 0) {                          // NaN probabilities match nothing: a valid, untaken id,
+      bv = NAN;                              // and a NaN gate, so the token's output shows it
       for (int e = 0; e < experts && best < 0; ++e) {
         bool taken = false;
         for (int i = 0; i < j; ++i) taken |= top[t * k + i] == e;
         if (!taken) best = e;
       }
+    }
     top[t * k + j] = best;
     gates[t * k + j] = bv;
   }

@@ -244,6 +244,8 @@ def test_nan_logits_route_to_valid_experts(interpret):
     for backend in ("reference", "triton"):
         r = Kernels(REG, backend).route(logits, 2, None, "position")
         assert int(r.top_TK.min()) >= 0 and int(r.top_TK.max()) < 8, backend
+        assert r.top_TK[2, 0] != r.top_TK[2, 1], backend                    # two distinct experts
+        assert torch.isnan(r.gates_TK[2]).all() and torch.isfinite(r.gates_TK[[0, 1, 3, 4, 5]]).all(), backend
         assert r.order.slot_N.sort().values.tolist() == list(range(12)), backend
 
 

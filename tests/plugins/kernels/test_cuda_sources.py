@@ -65,3 +65,19 @@ def test_cuda_backend_matches_the_reference_on_gpu():
         for backend in ("cuda", "triton", "reference"):
             findings = contract.check_backend(reg, backend, torch.device("cuda"), dtype)
             assert not findings, "\n".join(map(str, findings))
+
+
+def test_a_failed_build_is_not_retried(monkeypatch):
+    import torch.utils.cpp_extension as ext
+    calls = []
+
+    def failing_load(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("nvcc fatal: unsupported gpu architecture")
+    monkeypatch.setattr(ext, "load", failing_load)
+    monkeypatch.setattr(cuda_kernels, "_ext", None)
+    monkeypatch.setattr(cuda_kernels, "_build_error", None)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="unsupported gpu architecture"):
+            cuda_kernels.extension()
+    assert len(calls) == 1
