@@ -20,7 +20,7 @@ import typer
 from torch import Tensor
 
 from rapid import hookimpl
-from rapid.kernels import OPS, Kernels
+from rapid.kernels import OPS, Kernels, _accepts
 
 TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-4), torch.bfloat16: (3e-2, 3e-2),
              torch.float16: (1e-2, 1e-2)}   # (rtol, atol relative to the reference's largest value)
@@ -118,6 +118,10 @@ def check_backend(registry, backend: str, device: torch.device, dtype: torch.dty
             for act in ACTIVATIONS:
                 run("grouped_mlp", f"{case.name}, {act}",
                     lambda act=act: _check_grouped(impl, ref, x, ids, w1, w2, case, act, dtype))
+            if _accepts(impl.get("grouped_mlp", x), "pad_rows"):     # [kernels] pad_rows, where offered
+                padded = Kernels(registry, backend, pad_rows=16)
+                run("grouped_mlp", f"{case.name}, pad_rows 16",
+                    lambda: _check_grouped(padded, ref, x, ids, w1, w2, case, "gelu", dtype))
         if served("unpermute"):
             run("unpermute", case.name, lambda: _check_unpermute(impl, ref, x, ids, w, case, dtype))
     return findings
