@@ -129,6 +129,18 @@ class Kernels:
         return self.get("unpermute", y_ND)(y_ND, perm, weights_TK)
 
 
+_reference: Kernels | None = None
+
+
+def reference_kernels() -> Kernels:
+    """The builtin reference kernels, for code running outside a model (a router on its own)."""
+    global _reference
+    if _reference is None:
+        from rapid.plugins import Registry, make_plugin_manager
+        _reference = Kernels(Registry(make_plugin_manager(autoload=False)), "reference")
+    return _reference
+
+
 def _accepts(fn, name: str) -> bool:
     """Whether kernel ``fn`` takes keyword ``name`` (a permute written before the ``route`` op has
     no ``order``: it keeps working, and sorts)."""

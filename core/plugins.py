@@ -183,9 +183,6 @@ class Registry:
                         + f" | {f'`rapidmoe[{needs[1]}]`' if needs else '-'} |")
         return "\n".join(rows) + "\n"
 
-    def kernel(self, op: str, device, dtype, backend: str):
-        return self.kernel_choice(op, device, dtype, backend)[1]
-
     def kernel_choice(self, op: str, device, dtype, backend: str):
         """(backend name, implementation) of the first ``rapid_kernel`` answer, in pluggy's call
         order (what ``firstresult`` would return), or (None, None)."""

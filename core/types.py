@@ -129,15 +129,15 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, *, token_ids_T: Tensor, domain_ids_T: Tensor) -> Routing:
         raise NotImplementedError
 
-    kernels = None   # the owning MoE layer's rapid.kernels.Kernels (set by it); None: the reference
+    kernels = None   # the owning MoE layer's rapid.kernels.Kernels (set by it); None: the builtin reference
 
     def route_topk(self, logits_TE: Tensor, top_k: int, capacity):
         """fp32 softmax + top-k + capacity (``spec.drop_policy`` picks who stays) through the fused
         ``route`` kernel: a ``rapid.kernels.RouteResult``. Put its ``order`` into ``Routing.order`` so
         dispatch does not sort again (only valid if the routing's expert ids are its ``expert_ids_TK``)."""
-        if self.kernels is None:
-            from rapid.builtin.kernels.reference import route
-            return route(logits_TE, top_k, capacity, self.spec.drop_policy)
+        if self.kernels is None:     # a router used on its own, outside an MoE layer
+            from rapid.kernels import reference_kernels
+            self.kernels = reference_kernels()
         return self.kernels.route(logits_TE, top_k, capacity, self.spec.drop_policy)
 
 

@@ -1,5 +1,6 @@
 """route, permute and unpermute built from six row primitives, shared by the ``triton`` and ``cuda``
-kernel backends (each supplies the primitives as a class of static methods, ``rows``):
+kernel backends (each supplies the primitives as a class of static methods, ``rows``; the capacity
+and order logic after the top-k is the reference's ``route_from_topk``):
 
     softmax_topk(logits_TE fp32, k) -> (probs_TE, top_TK long, gates_TK)
     block_histogram(keys long, buckets) -> hist [blocks, buckets]    keys of each block per bucket
@@ -15,9 +16,12 @@ the inverse order (each slot's row), so nothing needs atomics and results are de
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
+from rapid.builtin.kernels.reference import route_from_topk
 from rapid.kernels import Permutation, RouteResult
 
 
@@ -31,31 +35,11 @@ def stable_order(rows, keys: Tensor, buckets: int) -> tuple[Tensor, Tensor]:
 
 
 def route(rows, logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
-    from rapid.moe import drop_priority
-    T, E = logits_TE.shape
     probs, top, gates = rows.softmax_topk(logits_TE.detach().float().contiguous(), top_k)
     if logits_TE.requires_grad:      # probabilities and gates stay differentiable functions of the logits
         probs = torch.softmax(logits_TE.float(), dim=-1)
         gates = probs.gather(1, top)
-    flat = top.reshape(-1)
-    if capacity is None or drop_policy == "position":
-        order, counts_E = stable_order(rows, flat, E)
-    else:                            # priority first (as apply_capacity), then the stable expert sort
-        by_priority = torch.argsort(drop_priority(drop_policy, gates).reshape(-1), descending=True, stable=True)
-        order, counts_E = stable_order(rows, flat[by_priority], E)
-        order = by_priority[order]
-    expert_ids_TK = top
-    if capacity is not None:
-        sorted_ids = flat[order]
-        rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts_E, 0) - counts_E)[sorted_ids]
-        cap = capacity.to(flat.device)[sorted_ids] if isinstance(capacity, Tensor) else capacity
-        order = order[rank < cap]
-        counts_E = torch.minimum(counts_E, capacity.to(counts_E)) if isinstance(capacity, Tensor) \
-            else counts_E.clamp(max=capacity)
-        expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, top_k)
-    token_idx_N = order // top_k if top_k > 1 else order
-    return RouteResult(probs, top, gates, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T,
-                                                                         expert_ids_TK, expert_ids_TK._version))
+    return route_from_topk(functools.partial(stable_order, rows), probs, top, gates, capacity, drop_policy)
 
 
 def row_of_slot(perm: Permutation, slots: int) -> Tensor:

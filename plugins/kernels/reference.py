@@ -22,35 +22,43 @@ _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 def route(logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
-    """Softmax, top-k and capacity in one pass, sorting once where the drop policy allows: with
-    ``position`` priority (or dropless) one stable sort by expert gives both the slots to keep and the
-    expert order; ``random``/``probs`` priority sorts by priority first (as ``apply_capacity``).
-    The kept set equals ``apply_capacity``'s for the same priorities (random ones drawn alike)."""
-    T, E = logits_TE.shape
+    """Softmax, top-k and capacity in one pass (``route_from_topk``, with torch's stable argsort)."""
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     gates_TK, top_TK = probs_TE.max(dim=-1, keepdim=True) if top_k == 1 else probs_TE.topk(top_k, dim=-1)
+    return route_from_topk(_argsort_by_key, probs_TE, top_TK, gates_TK, capacity, drop_policy)
+
+
+def _argsort_by_key(keys: Tensor, buckets: int) -> tuple[Tensor, Tensor]:
+    return torch.argsort(keys, stable=True), torch.bincount(keys, minlength=buckets)
+
+
+def route_from_topk(sort, probs_TE: Tensor, top_TK: Tensor, gates_TK: Tensor, capacity, drop_policy: str
+                    ) -> RouteResult:
+    """The capacity and the expert order of a top-k choice, sorting once where the drop policy
+    allows: with ``position`` priority (or dropless) one stable sort by expert gives both the slots to
+    keep and the order; ``random``/``probs`` priority sorts by priority first (as ``apply_capacity``;
+    the kept set is the same for the same priorities). ``sort(keys, buckets) -> (stable order,
+    counts)`` is the backend's (torch's argsort here, a counting sort in ``dispatch``)."""
+    T, K = top_TK.shape
     flat = top_TK.reshape(-1)
     if capacity is None or drop_policy == "position":
-        order = torch.argsort(flat, stable=True)                          # by expert, then by slot
+        order, counts_E = sort(flat, probs_TE.shape[1])                       # by expert, then by slot
     else:
-        priority = drop_priority(drop_policy, gates_TK).reshape(-1)
-        by_priority = torch.argsort(priority, descending=True, stable=True)
-        order = by_priority[torch.argsort(flat[by_priority], stable=True)]
-    counts_E = torch.bincount(flat, minlength=E)
+        by_priority = torch.argsort(drop_priority(drop_policy, gates_TK).reshape(-1), descending=True, stable=True)
+        order, counts_E = sort(flat[by_priority], probs_TE.shape[1])
+        order = by_priority[order]
     expert_ids_TK = top_TK
     if capacity is not None:
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
         sorted_ids = flat[order]
-        rank = torch.arange(flat.numel(), device=flat.device) - starts_E[sorted_ids]
+        rank = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts_E, 0) - counts_E)[sorted_ids]
         cap = capacity.to(flat.device)[sorted_ids] if isinstance(capacity, Tensor) else capacity
-        keep = rank < cap
-        order = order[keep]
+        order = order[rank < cap]
         counts_E = torch.minimum(counts_E, capacity.to(counts_E)) if isinstance(capacity, Tensor) \
             else counts_E.clamp(max=capacity)
-        expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, top_k)
-    token_idx_N = order // top_k if top_k > 1 else order
-    return RouteResult(probs_TE, top_TK, gates_TK, expert_ids_TK, Permutation(token_idx_N, order, counts_E, T,
-                                                                         expert_ids_TK, expert_ids_TK._version))
+        expert_ids_TK = torch.full_like(flat, -1).index_copy_(0, order, flat.index_select(0, order)).view(T, K)
+    token_idx_N = order // K if K > 1 else order
+    return RouteResult(probs_TE, top_TK, gates_TK, expert_ids_TK,
+                       Permutation(token_idx_N, order, counts_E, T, expert_ids_TK, expert_ids_TK._version))
 
 
 def permute(x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):
