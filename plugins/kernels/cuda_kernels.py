@@ -5,7 +5,8 @@
 ``moe_kernels.cu``, the torch binding in ``moe_binding.cpp``), compiled with
 ``torch.utils.cpp_extension.load`` when the backend is first checked on a machine with nvcc and a
 CUDA build of torch (a failed build makes the backend unavailable, with the compiler's message), and
-cached in ``$RAPID_CACHE/torch_extensions/<torch version>-cu<CUDA version>``. ``grouped_mlp`` is
+cached in ``$RAPID_CACHE/torch_extensions/<torch version>-cu<CUDA version>-sm<architectures>`` (the
+architectures compiled for: ``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs'). ``grouped_mlp`` is
 ``torch._grouped_mm`` where the GPU runs it (bf16 on compute capability 9.0 and newer); elsewhere
 ``auto`` takes Triton's grouped GEMM, and an explicit ``cuda`` runs cuBLAS products per expert
 (``torch.mm``, one host sync for the counts).
@@ -17,6 +18,7 @@ nvcc to an object file and checks the binding's syntax with the host compiler.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def extension():
     if _ext is None:
         from torch.utils.cpp_extension import load
         build = (Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
-                 / f"{torch.__version__}-cu{torch.version.cuda}")        # never a module built for another torch
+                 / f"{torch.__version__}-cu{torch.version.cuda}-sm{_architectures()}")   # never another torch's or GPU's
         build.mkdir(parents=True, exist_ok=True)
         try:
             _ext = load("rapid_moe_cuda", [str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
@@ -87,6 +89,17 @@ def extension():
             _build_error = f"{type(exc).__name__}: {exc}"
             raise
     return _ext
+
+
+def _architectures() -> str:
+    """What ``cpp_extension`` compiles for: ``$TORCH_CUDA_ARCH_LIST``, else every visible GPU's
+    compute capability (a module built for one GPU has no code for another: a cache shared between
+    machines must not hand it over)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        archs = " ".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
+                                 for i in range(torch.cuda.device_count())}))
+    return re.sub(r"[^0-9A-Za-z.+]+", "_", archs) or "none"
 
 
 def _stream(t: Tensor) -> int:

@@ -24,8 +24,21 @@ _GELU_APPROX = {"gelu": "none", "gelu_tanh": "tanh"}
 def route(logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
     """Softmax, top-k and capacity in one pass (``route_from_topk``, with torch's stable argsort)."""
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    gates_TK, top_TK = probs_TE.max(dim=-1, keepdim=True) if top_k == 1 else probs_TE.topk(top_k, dim=-1)
-    return route_from_topk(_argsort_by_key, probs_TE, top_TK, gates_TK, capacity, drop_policy)
+    top_TK = top_k_lowest_id(probs_TE.detach(), top_k)
+    return route_from_topk(_argsort_by_key, probs_TE, top_TK, probs_TE.gather(1, top_TK), capacity, drop_policy)
+
+
+def top_k_lowest_id(probs_TE: Tensor, k: int) -> Tensor:
+    """The k largest entries' ids per row, ties going to the lower expert id (what the triton and
+    cuda kernels do; ``torch.topk`` breaks ties arbitrarily, and bf16 router logits tie often): k
+    rounds of ``max``, which returns the first maximal index. A NaN row gives distinct ids."""
+    if k == 1:
+        return probs_TE.argmax(dim=-1, keepdim=True)
+    p_TE, ids = probs_TE.clone(), []
+    for _ in range(k):
+        ids.append(p_TE.argmax(dim=-1, keepdim=True))
+        p_TE.scatter_(1, ids[-1], float("-inf"))
+    return torch.cat(ids, dim=1)
 
 
 def _argsort_by_key(keys: Tensor, buckets: int) -> tuple[Tensor, Tensor]:

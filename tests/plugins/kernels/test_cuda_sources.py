@@ -81,3 +81,28 @@ def test_a_failed_build_is_not_retried(monkeypatch):
         with pytest.raises(RuntimeError, match="unsupported gpu architecture"):
             cuda_kernels.extension()
     assert len(calls) == 1
+
+
+def test_the_build_cache_is_kept_apart_per_gpu_architecture(monkeypatch, tmp_path):
+    """A module compiled for one GPU has no code for another: each architecture set gets its own
+    build directory under $RAPID_CACHE."""
+    import torch.utils.cpp_extension as ext
+    dirs = []
+
+    def recording_load(name, sources, build_directory, **kw):
+        dirs.append(Path(build_directory))
+        return object()
+    monkeypatch.setattr(ext, "load", recording_load)
+    monkeypatch.setenv("RAPID_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for capability in ((9, 0), (8, 0)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0, c=capability: c)
+        monkeypatch.setattr(cuda_kernels, "_ext", None)
+        monkeypatch.setattr(cuda_kernels, "_build_error", None)
+        cuda_kernels.extension()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    monkeypatch.setattr(cuda_kernels, "_ext", None)
+    cuda_kernels.extension()
+    assert [d.name.rsplit("-", 1)[1] for d in dirs] == ["sm9.0", "sm8.0", "sm8.0_9.0+PTX"]
+    assert all(d.parent == tmp_path / "torch_extensions" and d.is_dir() for d in dirs)
