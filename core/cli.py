@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from rapid.errors import UserError
 
@@ -80,38 +78,6 @@ def _default_run_dir(name: str, resume: bool) -> Path:
         n += 1
     console.print(f"rapid: {base} holds a run; this one goes to {base.parent / f'{name}-{n}'}", soft_wrap=True)
     return base.parent / f"{name}-{n}"
-
-
-@app.command()
-def plugins(ctx: typer.Context,
-            as_json: bool = typer.Option(False, "--json", help="print JSON"),
-            capabilities: bool = typer.Option(False, "--capabilities", help="print what each parallel strategy "
-                                              "supports, as a Markdown table")):
-    """Every registered name by kind (parallel presets included), with the plugin and distribution
-    that provide it."""
-    from rapid.plugins import KINDS
-
-    registry = _registry(ctx)
-    if capabilities:
-        typer.echo(registry.capability_table(), nl=False)
-        return
-    rows = [{"kind": kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution}
-            for kind in KINDS for e in registry.entries(kind).values()]
-    rows += [{"kind": "kernel", "name": name, "plugin": plugin, "distribution": dist}
-             for name, plugin, dist in registry.kernel_providers()]
-    parallel = registry.entries("parallel")
-    rows += [{"kind": "preset", "name": preset, "plugin": parallel[strategy].plugin,
-              "distribution": f"{strategy}: " + ", ".join(f"{k}={v}" for k, v in switches.items())}
-             for preset, (strategy, switches) in registry.presets().items()]
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    t = Table(title="rapid plugins")
-    for col in ("kind", "name", "plugin", "distribution"):
-        t.add_column(col)
-    for row in rows:
-        t.add_row(*row.values())
-    console.print(t)
 
 
 def main(argv: list[str] | None = None) -> None:

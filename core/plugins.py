@@ -48,6 +48,7 @@ BUILTINS = (
     "rapid.builtin.ckpt",
     "rapid.builtin.extract",
     "rapid.builtin.sweep",
+    "rapid.builtin.listing",
     "rapid.builtin.data.snownlp",
     "rapid.builtin.data.text",
 )
@@ -172,16 +173,6 @@ class Registry:
                     raise UserError(f"parallel preset {preset!r} is declared by both {out[preset][0]!r} and {name!r}")
                 out[preset] = (name, dict(switches))
         return out
-
-    def capability_table(self) -> str:
-        """The Markdown table of what each registered strategy supports (the README embeds it)."""
-        from rapid.types import CAPABILITIES
-        rows = ["| strategy | " + " | ".join(CAPABILITIES) + " | needs |", "|---" * (len(CAPABILITIES) + 2) + "|"]
-        for name, entry in sorted(self.entries("parallel").items()):
-            caps, needs = entry.obj.capabilities, getattr(entry.obj, "requires", None)
-            rows.append(f"| `{name}` | " + " | ".join("yes" if c in caps else "-" for c in CAPABILITIES)
-                        + f" | {f'`rapidmoe[{needs[1]}]`' if needs else '-'} |")
-        return "\n".join(rows) + "\n"
 
     def kernel_choice(self, op: str, device, dtype, backend: str):
         """(backend name, implementation) of the first ``rapid_kernel`` answer, in pluggy's call
