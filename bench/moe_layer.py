@@ -4,6 +4,7 @@ ideal: same FLOPs, no routing) vs deepspeed.moe.layer.MoE (k=1), all measured in
     python bench/moe_layer.py                      # T = 4096 and 16384, fp32 and bf16
     python bench/moe_layer.py --tokens 4096 --dtypes fp32 --iters 3
     python bench/moe_layer.py --tokens 4096 --dtypes fp32 --experts 8 32 128 --layers dense floor rapid
+    python bench/moe_layer.py --tokens 4096 --dtypes fp32 --experts 32 --layers dense floor rapid --reserve 3000
 
 ``floor`` is the GEMM floor: the layer's six matrix products alone at rapid's per-expert shapes of
 the same round (``GemmFloor``); ``x floor`` is each layer's time over it, and GFLOP/s is the dense
@@ -219,6 +220,10 @@ def main():
     ap.add_argument("--mlock", action="store_true",
                     help="mlockall: keep this process's memory resident (on VMs whose kernel reclaims idle pages, "
                          "e.g. DAMON, freed buffers are otherwise paged out between rounds and faulted back in)")
+    ap.add_argument("--reserve", type=int, default=0, metavar="MIB",
+                    help="grow the heap by MIB first (allocate, touch, free; with keep_freed_memory it stays mapped): "
+                         "glibc's heap otherwise grows by fragmentation every round with many experts, and each round "
+                         "page-faults the new part in; what a caching allocator (jemalloc, tcmalloc) avoids")
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
     if args.processes > 1:
@@ -233,10 +238,13 @@ def main():
     if not args.system_malloc:
         from rapid.cpu import keep_freed_memory
         keep_freed_memory()
+    if args.reserve:
+        torch.ones(args.reserve << 20, dtype=torch.uint8)     # touched, then freed into the heap
     global EXPERTS
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"d_model {D_MODEL}, d_ff {D_FF}, top-1, capacity factor {CF}, median of {args.iters}, "
-          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}{', mlockall' if args.mlock else ''}")
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}{', mlockall' if args.mlock else ''}"
+          f"{f', heap reserve {args.reserve} MiB' if args.reserve else ''}")
     print(HEADER)
     out = []
     for E in args.experts:
