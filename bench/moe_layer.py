@@ -41,6 +41,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 D_MODEL, D_FF, EXPERTS, CF = 512, 2048, 8, 1.25
+_SENTINEL = None   # --reserve: the allocation that keeps the reserved heap below it
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -239,7 +240,12 @@ def main():
         from rapid.cpu import keep_freed_memory
         keep_freed_memory()
     if args.reserve:
-        torch.ones(args.reserve << 20, dtype=torch.uint8)     # touched, then freed into the heap
+        if args.system_malloc:
+            raise SystemExit("--reserve keeps freed heap memory: it needs keep_freed_memory (not --system-malloc)")
+        block = torch.ones(args.reserve << 20, dtype=torch.uint8)            # touched ...
+        global _SENTINEL   # ... and freed below a live allocation: not the heap's top, so never trimmed
+        _SENTINEL = torch.ones(64 << 20, dtype=torch.uint8)
+        del block
     global EXPERTS
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"d_model {D_MODEL}, d_ff {D_FF}, top-1, capacity factor {CF}, median of {args.iters}, "

@@ -18,6 +18,13 @@ SetOpt = typer.Option(None, "--set", help="override a recipe key: table.key=valu
 RecipeArg = typer.Argument(..., metavar="RECIPE", help="recipe TOML file")
 
 
+@app.callback()
+def _commands() -> None:
+    # a group even when ``run`` is its only command (every other command comes from a plugin, and
+    # a blocked one must not turn ``rapid run RECIPE`` into ``rapid RECIPE``)
+    pass
+
+
 def _registry(ctx: typer.Context | None = None):
     """The invocation's registry: built once by ``main`` and passed as the context object."""
     from rapid.plugins import Registry

@@ -110,6 +110,8 @@ class Kernels:
                                 "does not pad rows", hint='set [kernels] backend = "reference", or pad_rows = 0')
 
     def route(self, logits_TE: Tensor, top_k: int, capacity, drop_policy: str) -> RouteResult:
+        if not 1 <= top_k <= logits_TE.shape[-1]:
+            raise ValueError(f"route: top_k = {top_k} with {logits_TE.shape[-1]} experts (1 <= top_k <= experts)")
         return self.get("route", logits_TE)(logits_TE, top_k, capacity, drop_policy)
 
     def permute(self, x_TD: Tensor, expert_ids_TK: Tensor, num_experts: int, order: Permutation | None = None):

@@ -45,8 +45,7 @@ def rapid_add_commands(app):
                 as_json: bool = typer.Option(False, "--json", help="print JSON"),
                 capabilities: bool = typer.Option(False, "--capabilities", help="print what each parallel "
                                                   "strategy supports, as a Markdown table")):
-        """Every registered name by kind (parallel presets included), with the plugin and distribution
-        that provide it."""
+        """Every registered name by kind (presets and kernel backends too), and who provides it."""
         registry = ctx.obj if isinstance(ctx.obj, Registry) else Registry()
         if capabilities:
             typer.echo(capability_table(registry), nl=False)

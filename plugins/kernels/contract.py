@@ -133,13 +133,16 @@ def check_backend(registry, backend: str, device: torch.device, dtype: torch.dty
 
 
 def _check_route(impl, ref, logits, case, dtype):
-    # ``probs`` priority ranks tokens by probability: across tied rows it compares values that two
-    # softmax implementations may round an ulp apart, so the tie case checks the other policies
-    for policy in ("position", "random") if case.ties else ("position", "probs", "random"):
+    # With tied logits, ``probs`` priority compares probabilities of different rows that are equal in
+    # exact arithmetic and that two softmax implementations may round an ulp apart (keeping other
+    # slots), so the tie case routes differentiable logits: the training path, whose gates every
+    # backend takes from the same differentiable softmax.
+    src = logits.clone().requires_grad_() if case.ties else logits
+    for policy in ("position", "probs", "random"):
         torch.manual_seed(11)                    # random priorities: the same draws for both
-        a = impl.route(logits, case.K, case.capacity, policy)
+        a = impl.route(src, case.K, case.capacity, policy)
         torch.manual_seed(11)
-        b = ref.route(logits, case.K, case.capacity, policy)
+        b = ref.route(src, case.K, case.capacity, policy)
         if not torch.equal(a.expert_ids_TK.cpu(), b.expert_ids_TK.cpu()):
             return f"{policy}: expert ids differ from the reference's"
         if not torch.equal(a.order.counts_E.cpu(), b.order.counts_E.cpu()):

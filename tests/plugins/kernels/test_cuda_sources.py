@@ -101,8 +101,11 @@ def test_the_build_cache_is_kept_apart_per_gpu_architecture(monkeypatch, tmp_pat
         monkeypatch.setattr(cuda_kernels, "_ext", None)
         monkeypatch.setattr(cuda_kernels, "_build_error", None)
         cuda_kernels.extension()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")        # cpp_extension: the visible GPUs (8.0 here)
+    monkeypatch.setattr(cuda_kernels, "_ext", None)
+    cuda_kernels.extension()
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     monkeypatch.setattr(cuda_kernels, "_ext", None)
     cuda_kernels.extension()
-    assert [d.name.rsplit("-", 1)[1] for d in dirs] == ["sm9.0", "sm8.0", "sm8.0_9.0+PTX"]
+    assert [d.name.rsplit("-", 1)[1] for d in dirs] == ["sm9.0", "sm8.0", "sm8.0", "sm8.0_9.0+PTX"]
     assert all(d.parent == tmp_path / "torch_extensions" and d.is_dir() for d in dirs)

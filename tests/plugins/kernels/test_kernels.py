@@ -138,3 +138,26 @@ def test_bf16_autocast_runs_in_bf16():
     ref = naive_moe(x.double(), ids, torch.ones_like(w).double() * (ids >= 0), w1.double(), w2.double())
     out = k.unpermute(y.float(), perm, (ids >= 0).float())
     assert torch.allclose(out.double(), ref, rtol=0.05, atol=0.3)
+
+
+def test_route_top_k_breaks_ties_towards_the_lower_expert_id():
+    """The reference's top-k: ties go to the lower id (as the triton and cuda kernels do, and unlike
+    torch.topk), a NaN row still gives distinct ids, k == E is a permutation, and untied rows give
+    torch.topk's answer."""
+    from rapid.builtin.kernels.reference import top_k_lowest_id
+    p = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.1, 0.4, 0.1], [float("nan")] * 4, [0.25] * 4])
+    assert top_k_lowest_id(p, 2).tolist() == [[1, 2], [0, 2], [0, 1], [0, 1]]
+    assert top_k_lowest_id(p, 1).tolist() == [[1], [0], [0], [0]]
+    assert top_k_lowest_id(p, 4)[3].tolist() == [0, 1, 2, 3]
+    assert all(sorted(row) == [0, 1, 2, 3] for row in top_k_lowest_id(p, 4).tolist())
+    untied = torch.rand(64, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_k_lowest_id(untied, 3), untied.topk(3, dim=-1).indices)
+    r = Kernels(REG, "reference").route(torch.log(p[:2]), 2, None, "position")
+    assert r.top_TK.tolist() == [[1, 2], [0, 2]] and torch.allclose(r.gates_TK, p[:2].gather(1, r.top_TK))
+
+
+def test_route_refuses_top_k_outside_one_to_experts():
+    k = Kernels(REG, "reference")
+    for top_k in (0, 5):
+        with pytest.raises(ValueError, match=f"top_k = {top_k} with 4 experts"):
+            k.route(torch.randn(3, 4), top_k, None, "position")
