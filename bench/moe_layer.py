@@ -14,8 +14,9 @@ Every iteration draws fresh random inputs and output gradients, so per-expert to
 as they do in training. Layers are timed round-robin (one iteration each in turn) so machine noise
 hits all of them alike; the median is reported, as a ratio to the dense FFN.
 
-Host memory: by default the whole process runs with ``rapid.cpu.keep_freed_memory()`` (what
-``rapid run`` does on the CPU), so no layer pays page faults for re-allocating large tensors;
+Host memory: by default the whole process runs as ``rapid run`` does on the CPU: started with glibc's
+tcache off (``rapid.cpu.TUNABLES``; the script re-executes itself) and with
+``rapid.cpu.keep_freed_memory()``, so no layer pays page faults for re-allocating large tensors;
 ``--system-malloc`` measures glibc's default behaviour instead.
 
 Memory: peak bytes allocated during one forward+backward (inputs and parameters already exist;
@@ -227,6 +228,12 @@ def main():
                          "page-faults the new part in; what a caching allocator (jemalloc, tcmalloc) avoids")
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
+    if not args.system_malloc:        # as the rapid command does: glibc started with rapid.cpu.TUNABLES
+        import sys
+        from rapid.cpu import reexec_environment
+        env = reexec_environment(os.environ)
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     if args.processes > 1:
         return run_processes(args)
     torch.set_num_threads(args.threads)
@@ -249,7 +256,8 @@ def main():
     global EXPERTS
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"d_model {D_MODEL}, d_ff {D_FF}, top-1, capacity factor {CF}, median of {args.iters}, "
-          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory'}{', mlockall' if args.mlock else ''}"
+          f"malloc: {'system' if args.system_malloc else 'keep_freed_memory, ' + os.environ.get('GLIBC_TUNABLES', '')}"
+          f"{', mlockall' if args.mlock else ''}"
           f"{f', heap reserve {args.reserve} MiB' if args.reserve else ''}")
     print(HEADER)
     out = []
