@@ -229,11 +229,8 @@ def main():
     ap.add_argument("--json", help="also write results here")
     args = ap.parse_args()
     if not args.system_malloc:        # as the rapid command does: glibc started with rapid.cpu.TUNABLES
-        import sys
-        from rapid.cpu import reexec_environment
-        env = reexec_environment(os.environ)
-        if env is not None:
-            os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+        from rapid.cpu import reexec_tuned
+        reexec_tuned()
     if args.processes > 1:
         return run_processes(args)
     torch.set_num_threads(args.threads)

@@ -89,14 +89,8 @@ def _default_run_dir(name: str, resume: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Typer runs in standalone mode: usage errors print its usage message and exit 2. A worker
-    started by torch's elastic launcher records an unexpected error for the launcher to report. The
-    command re-executes itself once with glibc's malloc tunables (``rapid.cpu.TUNABLES``)."""
+    started by torch's elastic launcher records an unexpected error for the launcher to report."""
     import os
-    if argv is None:          # the command itself (not a call from Python): start glibc tuned, once
-        from rapid.cpu import reexec_environment
-        env = reexec_environment(os.environ)
-        if env is not None:
-            os.execve(sys.executable, [sys.executable, "-m", "rapid.cli", *sys.argv[1:]], env)
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return _main(argv)
     from torch.distributed.elastic.multiprocessing.errors import record
@@ -133,5 +127,13 @@ def _fail(exc: UserError) -> None:
     sys.exit(2)
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The ``rapid`` program (console script and ``python -m rapid.cli``): re-executed once with
+    glibc's malloc tunables (``rapid.cpu.reexec_tuned``), then ``main``. Python callers use ``main``."""
+    from rapid.cpu import reexec_tuned
+    reexec_tuned()
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -13,38 +13,58 @@ use. Measured on that recipe (200 steps, A/B runs alternated): no trim 13.5k tok
 growing; every 50 steps 0.9-1.0 GiB, -2%; every 25 0.8 GiB, within noise; every 10 0.64 GiB, -4.5%;
 every step 0.51 GiB, -27% (the page faults are back).
 
-Why the heap fragments: torch allocates with ``posix_memalign(64)``, which asks malloc for 96 bytes
-more than the tensor and frees the spare end as a small chunk; glibc (< 2.38) keeps that chunk in its
-per-thread cache (tcache), where it never merges with its neighbours. When the tensor is freed its
-chunk cannot merge with the free space behind that sliver, and the next tensor of the same size needs
-the 96 bytes more than the hole holds: the heap grows by one tensor, every time (measured: an MoE
-layer's 128 MiB expert gradients grew it by 2.4 GiB in 24 steps). ``TUNABLES`` switches the tcache
-off (small chunks then go to fastbins, which malloc merges before every large request): the same
-layer's heap stops growing after two steps and faults nothing after. glibc reads tunables only at
-process start, so the ``rapid`` command sets them and re-executes itself (``reexec_environment``).
+Why the heap fragments: torch allocates with ``posix_memalign(64)``, which (glibc 2.36, this
+project's machines) asks malloc for 96 bytes more than the tensor and frees the spare end as a small
+chunk into its per-thread cache (tcache), where it never merges with its neighbours. When the tensor
+is freed its chunk cannot merge with the free space behind that sliver, and the next tensor of the
+same size needs more than the hole holds: the heap grows by one tensor, as long as other small
+allocations keep emptying the cache (measured: an MoE layer's 128 MiB expert gradients grew it by
+2.4 GiB in 24 steps). ``TUNABLES`` switches the tcache off (small chunks then go to fastbins, which
+malloc merges before every large request): the same layer's heap stops growing after two steps. It
+makes the pattern rare, not impossible (a small allocation made while the tensor lives can still land
+in the spare bytes). glibc reads tunables only at process start, so the ``rapid`` command
+re-executes itself once with them (``reexec_tuned``).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # <malloc.h>
 TRIM_EVERY = 10                          # training steps between checks for fragmentation
 TRIM_FREE_RATIO = 0.5                   # trim when free heap chunks exceed this times the memory in use
-TUNABLES = "glibc.malloc.tcache_count=0"   # see above; `RAPID_GLIBC_TUNABLES=0` leaves glibc as it is
+TUNABLES = "glibc.malloc.tcache_count=0"   # see above; RAPID_GLIBC_TUNABLES=0 leaves glibc as it is
 _applied = False
 
 
 def reexec_environment(environ) -> dict | None:
     """The environment to re-execute this process with so that glibc starts with ``TUNABLES``, or
-    None when it already has them, is not glibc, or ``RAPID_GLIBC_TUNABLES=0`` opts out."""
+    None: not glibc, the tunable already set (by the user too), or ``RAPID_GLIBC_TUNABLES`` set at
+    all (``0`` opts out; the re-executed process has ``1``, so it never re-executes again, even
+    where glibc ignores the variable, as for binaries with file capabilities)."""
     current = environ.get("GLIBC_TUNABLES", "")
-    if (environ.get("RAPID_GLIBC_TUNABLES") == "0" or platform.libc_ver()[0] != "glibc"
-            or TUNABLES.split("=")[0] in current):
+    if "RAPID_GLIBC_TUNABLES" in environ or platform.libc_ver()[0] != "glibc" or TUNABLES.split("=")[0] in current:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{current}:{TUNABLES}" if current else TUNABLES}
+    return {**environ, "GLIBC_TUNABLES": f"{current}:{TUNABLES}" if current else TUNABLES,
+            "RAPID_GLIBC_TUNABLES": "1"}
+
+
+def reexec_tuned() -> None:
+    """Re-execute this program once, its command line as it was started (``sys.orig_argv``:
+    interpreter flags, ``-m``, a console script's path and the import path it implies), with glibc's
+    ``TUNABLES``; returns when there is nothing to do or it cannot (no interpreter path, a frozen
+    app, exec refused). Only for a program's entry point: it replaces the process."""
+    import sys
+    env = reexec_environment(os.environ)
+    if env is None or not sys.executable or getattr(sys, "frozen", False) or len(sys.orig_argv) < 2:
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        return
 
 
 def keep_freed_memory() -> bool:

@@ -79,12 +79,11 @@ class Plan:
 
 
 # CPU: glibc's heap (rapid.cpu: freed memory kept, tcache off, trimmed when free chunks outgrow use)
-# holds a step's allocation churn plus a fixed part once a run has settled. Fitted on gpt_moe_tiny,
-# 150 steps, started by `rapid run` (micro-batch 4: 519-533 MiB measured, 8: 598, 32: 954-1002;
-# hidden 256, seq 64, micro-batch 96: 1,665), with a fixed part small enough for a few-step run of a
-# tiny model (tests/plugins/test_sweep.py); see BENCHMARKS.md.
+# holds about this many bytes per byte of a step's allocation churn once a run has settled. Fitted on
+# gpt_moe_tiny, 150 steps, started by `rapid run` (micro-batch 4: 519-533 MiB measured, 8: 580-598,
+# 32: 954-1002; hidden 256, seq 64, micro-batch 96: 1,665), with the runtime probe measured fresh;
+# see BENCHMARKS.md.
 CPU_HEAP_PER_ACTIVATION_BYTE = 1.5
-CPU_HEAP_BASE = 64 << 20
 
 _PROBE = """
 import importlib, sys
@@ -102,6 +101,20 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 """
 
 
+def _code_version() -> str:
+    """Names this installation of rapid (its files' sizes and times): a probe cached by an older
+    checkout, which imported other modules, is measured again."""
+    import hashlib
+    import rapid
+    import rapid.builtin
+    h = hashlib.sha256()
+    for root in {Path(rapid.__file__).parent, Path(rapid.builtin.__file__).parent}:
+        for f in sorted(root.rglob("*.py")):
+            st = f.stat()
+            h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def runtime_bytes(modules: tuple[str, ...]) -> int:
     """Resident memory of a fresh worker before its model: the interpreter, torch, rapid and
     ``modules`` after one tiny training step (thread pools, kernels' workspaces). Measured once per
@@ -109,7 +122,7 @@ def runtime_bytes(modules: tuple[str, ...]) -> int:
     import subprocess
     import sys
     from rapid.builtin.data.corpus import cache_dir
-    key = f"hwm|{sys.executable}|{torch.__version__}|{','.join(modules)}"
+    key = f"hwm|{sys.executable}|{torch.__version__}|{_code_version()}|{','.join(modules)}"
     path = cache_dir() / "runtime.json"
     try:
         known = json.loads(path.read_text())
@@ -173,7 +186,7 @@ def layout_memory(recipe, registry, counts: dict, name: str, world: int, **switc
         # the heap's high-water follows a step's allocation churn, which activation checkpointing's
         # recomputation keeps at the non-checkpointed volume (measured: checkpointing saved nothing here)
         churn = activation_bytes(recipe.model, c.micro_batch, c.precision, False, c.tensor_parallel)
-        planned["cpu_heap"] = int(churn * CPU_HEAP_PER_ACTIVATION_BYTE + CPU_HEAP_BASE - planned["activations"])
+        planned["cpu_heap"] = int(churn * CPU_HEAP_PER_ACTIVATION_BYTE - planned["activations"])
         modules = ("rapid.train", "rapid.plugins", *((cls.requires[0],) if cls.requires else ()))
         planned["runtime"] = runtime_bytes(modules)
         planned["data"] = corpus_bytes(recipe, registry)

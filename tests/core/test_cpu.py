@@ -52,31 +52,51 @@ def test_the_reexec_environment_adds_the_tunables_once():
     if platform.libc_ver()[0] != "glibc":
         assert cpu.reexec_environment({}) is None
         return
-    assert cpu.reexec_environment({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": cpu.TUNABLES}
+    tuned = {"GLIBC_TUNABLES": cpu.TUNABLES, "RAPID_GLIBC_TUNABLES": "1"}
+    assert cpu.reexec_environment({"PATH": "/bin"}) == {"PATH": "/bin", **tuned}
+    assert cpu.reexec_environment({"GLIBC_TUNABLES": ""}) == tuned
     assert cpu.reexec_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})["GLIBC_TUNABLES"] == \
         f"glibc.malloc.hugetlb=1:{cpu.TUNABLES}"
     assert cpu.reexec_environment({"GLIBC_TUNABLES": cpu.TUNABLES}) is None            # already started tuned
     assert cpu.reexec_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3"}) is None   # the user's choice
-    assert cpu.reexec_environment({"RAPID_GLIBC_TUNABLES": "0"}) is None
+    assert cpu.reexec_environment({"RAPID_GLIBC_TUNABLES": "0"}) is None               # opted out
+    # re-executed once already: never again, even where glibc dropped the variable (file capabilities)
+    assert cpu.reexec_environment({"RAPID_GLIBC_TUNABLES": "1"}) is None
 
 
 @glibc
-def test_the_command_reexecutes_itself_tuned_and_a_call_from_python_does_not(monkeypatch):
+def test_a_program_reexecutes_itself_once_with_its_own_command_line(tmp_path):
+    """``reexec_tuned`` runs the program again as it was started (here ``python -I -c CODE``: the
+    flag and the code survive) with the tunables, once."""
+    code = ("import os, sys; from rapid import cpu; print('start', flush=True); cpu.reexec_tuned(); "
+            "print(os.environ.get('GLIBC_TUNABLES'), sys.flags.isolated)")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAPID_GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["start", "start", f"{cpu.TUNABLES} 1"]
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, "RAPID_GLIBC_TUNABLES": "0"})
+    assert off.stdout.split("\n")[:2] == ["start", "None 0"]
+
+
+@glibc
+def test_the_console_script_keeps_its_import_path_after_reexecuting(tmp_path):
+    """Started from a directory holding a module named like a standard one, the re-executed
+    ``rapid`` still imports the real one (it is run again as its script, not as ``-m``, which would
+    put the current directory first on the path)."""
+    script = os.path.join(os.path.dirname(sys.executable), "rapid")
+    if not os.path.exists(script):
+        pytest.skip("no rapid console script next to this interpreter")
+    (tmp_path / "random.py").write_text("raise SystemExit('the current directory shadowed random')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAPID_GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "run" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_command_reexecutes_and_main_never_does(monkeypatch):
     from rapid import cli
     calls = []
-
-    def execve(path, args, env):
-        calls.append((path, args, env))
-        raise SystemExit(0)
-    monkeypatch.setattr(os, "execve", execve)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv("RAPID_GLIBC_TUNABLES", raising=False)
-    monkeypatch.setattr(sys, "argv", ["rapid", "run", "r.toml", "--set", "run.steps=3"])
-    with pytest.raises(SystemExit):
-        cli.main()
-    (path, args, env), = calls
-    assert path == sys.executable and args == [sys.executable, "-m", "rapid.cli", "run", "r.toml", "--set", "run.steps=3"]
-    assert env["GLIBC_TUNABLES"] == cpu.TUNABLES
-    with pytest.raises(SystemExit):
-        cli.main(["plugins", "--json"])          # in-process: runs here, never replaces the caller
-    assert len(calls) == 1
+    monkeypatch.setattr(cpu, "reexec_tuned", lambda: calls.append("reexec"))
+    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append(("main", argv)))
+    cli.command()
+    assert calls == ["reexec", ("main", None)]
