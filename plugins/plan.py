@@ -4,6 +4,7 @@ on the meta device: nothing is allocated, so a 16B model plans in a second), and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -101,14 +102,15 @@ print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if 
 """
 
 
+@functools.lru_cache(maxsize=1)
 def _code_version() -> str:
-    """Names this installation of rapid (its files' sizes and times): a probe cached by an older
-    checkout, which imported other modules, is measured again."""
+    """Names this installation of rapid (its files' sizes and times), the same in every process: a
+    probe cached by an older checkout, which imported other modules, is measured again."""
     import hashlib
     import rapid
     import rapid.builtin
     h = hashlib.sha256()
-    for root in {Path(rapid.__file__).parent, Path(rapid.builtin.__file__).parent}:
+    for root in sorted({Path(rapid.__file__).parent, Path(rapid.builtin.__file__).parent}):
         for f in sorted(root.rglob("*.py")):
             st = f.stat()
             h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
