@@ -152,24 +152,21 @@ class _GroupedMLP(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         for e, rows in _expert_rows(ctx.counts_E):
             x, h, g = x_ND[rows], h_NF[rows], grad_ND[rows]
-            n, F_ = h.shape
-            if ctx.pad_rows and n % ctx.pad_rows:   # the same products over zero-padded rows
+            n = h.shape[0]
+            padded = bool(ctx.pad_rows and n % ctx.pad_rows)
+            if padded:                               # the same products over zero-padded copies
                 x, h, g = _pad(x, ctx.pad_rows), _pad(h, ctx.pad_rows), _pad(g, ctx.pad_rows)
-                a = _act(h, ctx.activation)
-                torch.mm(a.t(), g, out=grad_w2[e])
-                _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)
-                torch.mm(x.t(), h, out=grad_w1[e])
-                if want_dx:
-                    x_ND[rows] = torch.mm(h, w1_EDF[e].t())[:n]
-                continue
+            m, F_ = h.shape
             free = unwritten_w1[e * w1_EDF[0].numel():]
-            a = free[: n * F_].view(n, F_) if free.numel() >= n * F_ else torch.empty_like(h)
+            a = free[: m * F_].view(m, F_) if free.numel() >= m * F_ else torch.empty_like(h)
             _act_into(h, ctx.activation, a)
             torch.mm(a.t(), g, out=grad_w2[e])
             _act_backward_(torch.mm(g, w2_EFD[e].t(), out=a), h, ctx.activation)   # h <- dh
             torch.mm(x.t(), h, out=grad_w1[e])                                     # a's space is reused
             if want_dx:
                 torch.mm(h, w1_EDF[e].t(), out=x)                                    # x <- dx
+                if padded:
+                    x_ND[rows] = x[:n]
         for e, n in enumerate(ctx.counts_E):   # experts without rows: zeros (not None: they stay in the graph)
             if not n:
                 grad_w1[e].zero_(), grad_w2[e].zero_()
